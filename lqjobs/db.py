@@ -1,0 +1,356 @@
+"""The typed DB boundary: the only module in lqjobs that holds SQL.
+
+One method per ``app_jobs`` function, named after it, returning pydantic rows.
+The all-NULL row that a "nothing found" composite result shows as becomes
+``None`` here and nowhere else. ``psycopg.Error`` is translated into
+:mod:`lqjobs.errors` here and nowhere else. Methods never commit: the caller
+owns the transaction (the bridge locks, publishes, then commits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+
+from lqjobs.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    InvalidWorkerId,
+    SchemaMissing,
+)
+from lqjobs.models import (
+    ALREADY_SCHEDULED,
+    AlreadyScheduled,
+    JobRow,
+    ScheduledJobRow,
+    TaskStatus,
+)
+
+Connection = psycopg.Connection[Any]
+RowT = TypeVar("RowT", bound=BaseModel)
+
+# payload travels as JSON text: never re-encoded on its way to a function.
+JOB_COLUMNS = (
+    "id, database_id, queue_name, task_identifier, payload::text AS payload, priority, run_at, "
+    "attempts, max_attempts, key, last_error, locked_at, locked_by, created_at, updated_at"
+)
+SCHEDULED_JOB_COLUMNS = (
+    "id, database_id, queue_name, task_identifier, payload::text AS payload, priority, "
+    "max_attempts, key, locked_at, locked_by, schedule_info::text AS schedule_info, "
+    "last_scheduled, last_scheduled_id"
+)
+_MISSING_SCHEMA_STATES = {"3F000", "42883", "42P01"}  # no schema / function / table
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Turn psycopg errors into lqjobs errors. Only the primary message is kept:
+    DETAIL lines can quote row values, and rows hold payloads."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        state = exc.sqlstate
+        message = (exc.diag.message_primary if exc.diag else None) or type(exc).__name__
+        if message == "INVALID_WORKER_ID":
+            raise InvalidWorkerId() from None
+        if state in _MISSING_SCHEMA_STATES:
+            raise SchemaMissing(f"{SchemaMissing.__doc__} ({message})", state) from None
+        if isinstance(exc, psycopg.OperationalError) and state is None:
+            raise DatabaseUnavailable(f"database unavailable: {message}") from None
+        raise DatabaseError(message, state) from None
+
+
+def connect(conninfo: str, *, autocommit: bool = False) -> Connection:
+    with translated_errors():
+        return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
+
+
+def _row(model: type[RowT], row: dict[str, Any] | None) -> RowT | None:
+    if row is None or row.get("id") is None:
+        return None
+    return model.model_validate(row)
+
+
+def _json(value: Any) -> str:
+    return value if isinstance(value, RawJson) else json.dumps(value)
+
+
+class RawJson(str):
+    """JSON text to store as is (not re-encoded)."""
+
+
+class JobsDB:
+    """Typed wrappers over the ``app_jobs`` functions of one schema."""
+
+    def __init__(self, schema: str = "app_jobs") -> None:
+        self.schema = schema
+        self._schema = sql.Identifier(schema)
+
+    def _call(self, function: str, columns: str, args: Sequence[sql.Composable]) -> sql.Composed:
+        return sql.SQL("SELECT {columns} FROM {schema}.{function}({args})").format(
+            columns=sql.SQL(columns),
+            schema=self._schema,
+            function=sql.Identifier(function),
+            args=sql.SQL(", ").join(args),
+        )
+
+    def _one(
+        self, conn: Connection, model: type[RowT], query: sql.Composed, params: Sequence[Any]
+    ) -> RowT | None:
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return _row(model, cur.fetchone())
+
+    def _many(
+        self, conn: Connection, model: type[RowT], query: sql.Composed, params: Sequence[Any]
+    ) -> list[RowT]:
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return [model.model_validate(row) for row in cur.fetchall()]
+
+    def _void(self, conn: Connection, query: sql.Composed, params: Sequence[Any]) -> None:
+        with translated_errors():
+            conn.execute(query, params)
+
+    # -- jobs -------------------------------------------------------------------
+
+    def get_job(
+        self,
+        conn: Connection,
+        worker_id: str,
+        task_identifiers: Sequence[str] | None,
+        job_expiry: timedelta | None = None,
+    ) -> JobRow | None:
+        """Lock the next runnable job for ``worker_id``; None when nothing is ready."""
+        args = [sql.Placeholder(), sql.SQL("%s::text[]")]
+        params: list[Any] = [worker_id, None if task_identifiers is None else list(task_identifiers)]
+        if job_expiry is not None:
+            args.append(sql.SQL("%s::interval"))
+            params.append(job_expiry)
+        return self._one(conn, JobRow, self._call("get_job", JOB_COLUMNS, args), params)
+
+    def complete_job(self, conn: Connection, worker_id: str, job_id: int) -> JobRow | None:
+        """Delete the job (by id only: this SQL does not check locked_by)."""
+        query = self._call("complete_job", JOB_COLUMNS, [sql.Placeholder(), sql.SQL("%s::bigint")])
+        return self._one(conn, JobRow, query, [worker_id, job_id])
+
+    def complete_jobs(self, conn: Connection, job_ids: Sequence[int]) -> list[JobRow]:
+        query = self._call("complete_jobs", JOB_COLUMNS, [sql.SQL("%s::bigint[]")])
+        return self._many(conn, JobRow, query, [list(job_ids)])
+
+    def fail_job(
+        self, conn: Connection, worker_id: str, job_id: int, error_message: str
+    ) -> JobRow | None:
+        """Record a failure; the SQL backs the job off. The function is STRICT, so a
+        NULL message would silently do nothing: an empty one becomes 'unknown error'."""
+        args = [sql.Placeholder(), sql.SQL("%s::bigint"), sql.SQL("%s::text")]
+        query = self._call("fail_job", JOB_COLUMNS, args)
+        return self._one(conn, JobRow, query, [worker_id, job_id, error_message or "unknown error"])
+
+    def add_job(
+        self,
+        conn: Connection,
+        database_id: UUID | str,
+        identifier: str,
+        payload: Any = None,
+        *,
+        job_key: str | None = None,
+        queue_name: str | None = None,
+        run_at: datetime | None = None,
+        max_attempts: int | None = None,
+        priority: int | None = None,
+    ) -> JobRow:
+        named = {
+            "job_key": job_key,
+            "queue_name": queue_name,
+            "run_at": run_at,
+            "max_attempts": max_attempts,
+            "priority": priority,
+        }
+        args: list[sql.Composable] = [sql.SQL("%s::uuid"), sql.Placeholder(), sql.SQL("%s::json")]
+        params: list[Any] = [str(database_id), identifier, _json({} if payload is None else payload)]
+        for name, value in named.items():  # omitted arguments keep the SQL defaults
+            if value is not None:
+                args.append(sql.SQL("{} => %s").format(sql.Identifier(name)))
+                params.append(value)
+        row = self._one(conn, JobRow, self._call("add_job", JOB_COLUMNS, args), params)
+        if row is None:
+            raise DatabaseError("add_job returned no row")
+        return row
+
+    def release_jobs(self, conn: Connection, worker_id: str) -> None:
+        """Unlock every job of ``worker_id``. Never call it for an id whose
+        messages may still be live in Celery: they would run twice."""
+        self._void(conn, self._call("release_jobs", "1", [sql.Placeholder()]), [worker_id])
+
+    def reschedule_jobs(
+        self,
+        conn: Connection,
+        job_ids: Sequence[int],
+        *,
+        run_at: datetime | None = None,
+        priority: int | None = None,
+        attempts: int | None = None,
+        max_attempts: int | None = None,
+    ) -> list[JobRow]:
+        args = [
+            sql.SQL("%s::bigint[]"),
+            sql.SQL("%s::timestamptz"),
+            sql.SQL("%s::int"),
+            sql.SQL("%s::int"),
+            sql.SQL("%s::int"),
+        ]
+        params = [list(job_ids), run_at, priority, attempts, max_attempts]
+        return self._many(conn, JobRow, self._call("reschedule_jobs", JOB_COLUMNS, args), params)
+
+    def permanently_fail_jobs(
+        self, conn: Connection, job_ids: Sequence[int], error_message: str | None = None
+    ) -> list[JobRow]:
+        args = [sql.SQL("%s::bigint[]"), sql.SQL("%s::text")]
+        query = self._call("permanently_fail_jobs", JOB_COLUMNS, args)
+        return self._many(conn, JobRow, query, [list(job_ids), error_message])
+
+    # -- scheduled jobs -----------------------------------------------------------
+
+    def get_scheduled_job(
+        self, conn: Connection, worker_id: str, task_identifiers: Sequence[str] | None
+    ) -> ScheduledJobRow | None:
+        args = [sql.Placeholder(), sql.SQL("%s::text[]")]
+        params = [worker_id, None if task_identifiers is None else list(task_identifiers)]
+        query = self._call("get_scheduled_job", SCHEDULED_JOB_COLUMNS, args)
+        return self._one(conn, ScheduledJobRow, query, params)
+
+    def add_scheduled_job(
+        self,
+        conn: Connection,
+        database_id: UUID | str,
+        identifier: str,
+        payload: Any = None,
+        schedule_info: Any = None,
+        *,
+        job_key: str | None = None,
+        queue_name: str | None = None,
+        max_attempts: int | None = None,
+        priority: int | None = None,
+    ) -> ScheduledJobRow:
+        named = {
+            "job_key": job_key,
+            "queue_name": queue_name,
+            "max_attempts": max_attempts,
+            "priority": priority,
+        }
+        args: list[sql.Composable] = [
+            sql.SQL("%s::uuid"), sql.Placeholder(), sql.SQL("%s::json"), sql.SQL("%s::json"),
+        ]
+        params: list[Any] = [
+            str(database_id),
+            identifier,
+            _json({} if payload is None else payload),
+            _json({} if schedule_info is None else schedule_info),
+        ]
+        for name, value in named.items():
+            if value is not None:
+                args.append(sql.SQL("{} => %s").format(sql.Identifier(name)))
+                params.append(value)
+        query = self._call("add_scheduled_job", SCHEDULED_JOB_COLUMNS, args)
+        row = self._one(conn, ScheduledJobRow, query, params)
+        if row is None:
+            raise DatabaseError("add_scheduled_job returned no row")
+        return row
+
+    def run_scheduled_job(
+        self, conn: Connection, scheduled_job_id: int, job_expiry: timedelta | None = None
+    ) -> JobRow | AlreadyScheduled | None:
+        """Insert the scheduled job's next job. ALREADY_SCHEDULED is a normal outcome;
+        None means the scheduled job is gone (stop its timer)."""
+        args = [sql.SQL("%s::bigint")]
+        params: list[Any] = [scheduled_job_id]
+        if job_expiry is not None:
+            args.append(sql.SQL("%s::interval"))
+            params.append(job_expiry)
+        query = self._call("run_scheduled_job", JOB_COLUMNS, args)
+        try:
+            with conn.transaction():  # a savepoint when the caller has a transaction open
+                return self._one(conn, JobRow, query, params)
+        except DatabaseError as exc:
+            if str(exc) == "ALREADY_SCHEDULED":
+                return ALREADY_SCHEDULED
+            raise
+
+    def release_scheduled_jobs(
+        self, conn: Connection, worker_id: str, ids: Sequence[int] | None = None
+    ) -> None:
+        args = [sql.Placeholder(), sql.SQL("%s::bigint[]")]
+        params = [worker_id, None if ids is None else list(ids)]
+        self._void(conn, self._call("release_scheduled_jobs", "1", args), params)
+
+    # -- read-only helpers (lqjobs additions; no writes) ----------------------------
+
+    def task_status(self, conn: Connection) -> list[TaskStatus]:
+        """Per task identifier: ready, delayed, locked, failed-permanently, oldest ready age."""
+        query = sql.SQL(
+            """
+            SELECT task_identifier,
+                   count(*) FILTER (WHERE locked_at IS NULL AND attempts < max_attempts
+                                    AND run_at <= now()) AS ready,
+                   count(*) FILTER (WHERE locked_at IS NULL AND attempts < max_attempts
+                                    AND run_at > now()) AS delayed,
+                   count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
+                   count(*) FILTER (WHERE locked_at IS NULL
+                                    AND attempts >= max_attempts) AS failed_permanently,
+                   extract(epoch FROM now() - min(run_at) FILTER (
+                       WHERE locked_at IS NULL AND attempts < max_attempts AND run_at <= now()
+                   ))::float8 AS oldest_ready_age_seconds
+              FROM {schema}.jobs
+             GROUP BY task_identifier
+             ORDER BY task_identifier
+            """
+        ).format(schema=self._schema)
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query)
+            return [TaskStatus.model_validate(row) for row in cur.fetchall()]
+
+    def schema_installed(self, conn: Connection) -> bool:
+        """True when the schema and the functions lqjobs calls are present."""
+        query = "SELECT count(DISTINCT p.proname) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = %s AND p.proname = ANY(%s)"  # noqa: E501
+        needed = ["get_job", "complete_job", "fail_job", "add_job", "release_jobs"]
+        with translated_errors():
+            row = conn.execute(query, [self.schema, needed]).fetchone()
+        return row is not None and row[0] == len(needed)
+
+
+# -- schema installation (used by lqjobs.migrate) -----------------------------------
+
+MIGRATION_LOCK_KEY = 0x6C716A6F62  # 'lqjob': one migration at a time per database
+
+
+def schema_marker(conn: Connection, schema: str) -> str | None:
+    """The schema's comment (lqjobs stamps its SQL fingerprint there), or None when
+    the schema does not exist. '' means it exists without a comment."""
+    query = "SELECT coalesce(obj_description(oid, 'pg_namespace'), '') FROM pg_namespace WHERE nspname = %s"  # noqa: E501
+    with translated_errors():
+        row = conn.execute(query, [schema]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def apply_schema(conn: Connection, scripts: Sequence[str], schema: str, marker: str) -> None:
+    """Run the install scripts and stamp the marker, in the caller's transaction."""
+    with translated_errors():
+        for script in scripts:
+            conn.execute(script)  # type: ignore[arg-type]  # our own files, no parameters
+        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+            sql.Identifier(schema), sql.Literal(marker)))
+
+
+def lock_for_migration(conn: Connection) -> None:
+    with translated_errors():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATION_LOCK_KEY])

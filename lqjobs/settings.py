@@ -1,0 +1,198 @@
+"""All configuration, read from the environment in exactly one place.
+
+Names match the Node runtime (``PGHOST``, ``JOBS_SUPPORTED``, ...) so a team can
+swap runtimes without touching its deployment; lqjobs-only options carry the
+``LQJOBS_`` prefix. Build a :class:`Settings` once at the edge (CLI, Celery app)
+and pass it down; library code never reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from lqjobs.errors import ConfigurationError
+
+ExecutorName = Literal["openfaas", "openfaas-async", "knative", "devmap", "native"]
+
+# Fields whose values must never be echoed, not even in a validation error.
+SECRET_FIELDS = frozenset({"database_url", "pgpassword", "broker_url", "callback_keys"})
+
+
+def _env(name: str, **kwargs: Any) -> Any:
+    return Field(validation_alias=name, **kwargs)
+
+
+class Settings(BaseSettings):
+    """lqjobs configuration. Field docs name the environment variable behind each."""
+
+    model_config = SettingsConfigDict(
+        populate_by_name=True,
+        case_sensitive=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    # -- Postgres (Node runtime names) -------------------------------------
+    database_url: SecretStr | None = _env("DATABASE_URL", default=None)
+    pghost: str | None = _env("PGHOST", default=None)
+    pgport: int | None = _env("PGPORT", default=None, ge=1, le=65535)
+    pguser: str | None = _env("PGUSER", default=None)
+    pgpassword: SecretStr | None = _env("PGPASSWORD", default=None)
+    pgdatabase: str | None = _env("PGDATABASE", default=None)
+
+    # -- The queue (Node runtime names) ------------------------------------
+    jobs_schema: str = _env("JOBS_SCHEMA", default="app_jobs", min_length=1, max_length=63)
+    jobs_support_any: bool = _env("JOBS_SUPPORT_ANY", default=False)
+    jobs_supported: Annotated[tuple[str, ...], NoDecode] = _env("JOBS_SUPPORTED", default=())
+    hostname: str = _env("HOSTNAME", default_factory=socket.gethostname)
+
+    # -- Functions and callbacks (Node runtime names) -----------------------
+    internal_jobs_callback_port: int = _env(
+        "INTERNAL_JOBS_CALLBACK_PORT", default=12345, ge=1, le=65535
+    )
+    internal_jobs_callback_url: str | None = _env("INTERNAL_JOBS_CALLBACK_URL", default=None)
+    internal_gateway_url: str | None = _env("INTERNAL_GATEWAY_URL", default=None)
+    knative_service_url: str | None = _env("KNATIVE_SERVICE_URL", default=None)
+    internal_gateway_development_map: dict[str, str] = _env(
+        "INTERNAL_GATEWAY_DEVELOPMENT_MAP", default_factory=dict
+    )
+    node_env: str = _env("NODE_ENV", default="development")
+
+    # -- lqjobs-only --------------------------------------------------------
+    broker_url: SecretStr = _env("LQJOBS_BROKER_URL", default=SecretStr("redis://127.0.0.1:6379/0"))
+    executor: ExecutorName = _env("LQJOBS_EXECUTOR", default="openfaas")
+    task_executors: dict[str, ExecutorName] = _env("LQJOBS_TASK_EXECUTORS", default_factory=dict)
+    knative_namespace: str = _env("LQJOBS_KNATIVE_NAMESPACE", default="default")
+    # Call Knative services through this ingress (Host header = the service's host)
+    # instead of resolving <task>.<namespace>.svc.cluster.local directly.
+    knative_ingress_url: str | None = _env("LQJOBS_KNATIVE_INGRESS_URL", default=None)
+    retry_on_404: bool = _env("LQJOBS_RETRY_ON_404", default=True)
+    max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
+    max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
+    poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
+    http_connect_timeout: float = _env("LQJOBS_HTTP_CONNECT_TIMEOUT", default=5.0, gt=0)
+    http_timeout: float = _env("LQJOBS_HTTP_TIMEOUT", default=30.0, gt=0)
+    task_soft_time_limit: float = _env("LQJOBS_TASK_SOFT_TIME_LIMIT", default=45.0, gt=0)
+    task_time_limit: float = _env("LQJOBS_TASK_TIME_LIMIT", default=60.0, gt=0)
+    visibility_timeout: float = _env("LQJOBS_VISIBILITY_TIMEOUT", default=120.0, gt=0)
+    max_queue_wait: float = _env("LQJOBS_MAX_QUEUE_WAIT", default=180.0, gt=0)
+    job_expiry: float = _env("LQJOBS_JOB_EXPIRY", default=600.0, gt=0)
+    callback_keys: SecretStr | None = _env("LQJOBS_CALLBACK_KEYS", default=None)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
+        "LQJOBS_LOG_LEVEL", default="INFO"
+    )
+
+    @field_validator("jobs_supported", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("jobs_schema")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        if "\x00" in value:
+            raise ValueError("must not contain NUL")
+        return value
+
+    # -- derived values ------------------------------------------------------
+
+    def conninfo(self) -> str:
+        """libpq connection string: DATABASE_URL if given, else the PG* variables."""
+        if self.database_url is not None:
+            return self.database_url.get_secret_value()
+        parts = {
+            "host": self.pghost,
+            "port": self.pgport,
+            "user": self.pguser,
+            "password": self.pgpassword.get_secret_value() if self.pgpassword else None,
+            "dbname": self.pgdatabase,
+        }
+        return make_conninfo(**{k: v for k, v in parts.items() if v is not None})
+
+    def task_filter(self) -> list[str] | None:
+        """The task list handed to get_job: None means any task (JOBS_SUPPORT_ANY)."""
+        return None if self.jobs_support_any else list(self.jobs_supported)
+
+    def executor_for(self, task_identifier: str) -> ExecutorName:
+        return self.task_executors.get(task_identifier, self.executor)
+
+    def timeout_ladder_problems(self) -> list[str]:
+        """Violations of T_http < T_soft < T_hard < V and V + T_hard + wait < E."""
+        problems = []
+        t_http = self.http_connect_timeout + self.http_timeout
+        if not t_http < self.task_soft_time_limit:
+            problems.append(
+                "LQJOBS_HTTP_CONNECT_TIMEOUT + LQJOBS_HTTP_TIMEOUT "
+                f"({t_http:g}s) must be below LQJOBS_TASK_SOFT_TIME_LIMIT "
+                f"({self.task_soft_time_limit:g}s)"
+            )
+        if not self.task_soft_time_limit < self.task_time_limit:
+            problems.append(
+                f"LQJOBS_TASK_SOFT_TIME_LIMIT ({self.task_soft_time_limit:g}s) must be below "
+                f"LQJOBS_TASK_TIME_LIMIT ({self.task_time_limit:g}s)"
+            )
+        if not self.task_time_limit < self.visibility_timeout:
+            problems.append(
+                f"LQJOBS_TASK_TIME_LIMIT ({self.task_time_limit:g}s) must be below "
+                f"LQJOBS_VISIBILITY_TIMEOUT ({self.visibility_timeout:g}s)"
+            )
+        needed = self.max_queue_wait + self.visibility_timeout + self.task_time_limit
+        if not needed < self.job_expiry:
+            problems.append(
+                "LQJOBS_MAX_QUEUE_WAIT + LQJOBS_VISIBILITY_TIMEOUT + LQJOBS_TASK_TIME_LIMIT "
+                f"({needed:g}s) must be below LQJOBS_JOB_EXPIRY ({self.job_expiry:g}s)"
+            )
+        return problems
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a Settings field."""
+    alias = Settings.model_fields[field].validation_alias
+    return alias if isinstance(alias, str) else field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the environment once; a bad value becomes one line naming the variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    by_alias = {env_name(name): name for name in Settings.model_fields}
+    for error in exc.errors(include_url=False, include_input=False):
+        where = str(error["loc"][0]) if error["loc"] else "settings"
+        field = by_alias.get(where, where)
+        variable = env_name(field) if field in Settings.model_fields else where
+        lines.append(f"invalid {variable}: {error['msg']}")
+    return "; ".join(lines)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password in a URL or libpq conninfo, for logs and banners."""
+    if "://" in url:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    try:
+        params = conninfo_to_dict(url)
+    except Exception:
+        return "<unparsable conninfo>"
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
