@@ -172,3 +172,28 @@ def check_command(ctx: Context) -> None:
         _fail(f"check failed: schema {settings.jobs_schema} is not installed "
               f"in {redact_url(settings.conninfo())}", EXIT_FAILURE)
     click.echo(f"ok: {redact_url(settings.conninfo())} has schema {settings.jobs_schema}")
+
+
+@main.command("bridge")
+@click.option("--batch-size", type=click.IntRange(1, 1000), default=50, show_default=True,
+              help="Jobs locked and published per transaction.")
+@pass_context
+@handles_errors
+def bridge_command(ctx: Context, batch_size: int) -> None:
+    """Lock app_jobs jobs and hand them to Celery (env: JOBS_SUPPORTED or JOBS_SUPPORT_ANY,
+    LQJOBS_BROKER_URL, LQJOBS_MAX_IN_FLIGHT, LQJOBS_JOB_EXPIRY)."""
+    import signal
+
+    from bridge import Bridge, CeleryPublisher
+    from lqjobs.logs import configure_logging
+    from tasks.app import create_app
+
+    settings = ctx.settings
+    configure_logging(settings.log_level)
+    if not settings.jobs_support_any and not settings.jobs_supported:
+        raise ConfigurationError("set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true")
+    app = create_app(settings)
+    bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: bridge.stop())
+    bridge.run_forever()

@@ -27,6 +27,7 @@ from lqjobs.errors import (
     InvalidWorkerId,
     SchemaMissing,
 )
+from lqjobs.lease import Lease
 from lqjobs.models import (
     ALREADY_SCHEDULED,
     AlreadyScheduled,
@@ -36,6 +37,12 @@ from lqjobs.models import (
 )
 
 Connection = psycopg.Connection[Any]
+ADVISORY_NAMESPACE = 0x6C716A  # first key of pg_try_advisory_lock(ns, job_id)
+# Job ids are bigint; the two-key advisory lock takes ints. Ids 2^31-1 apart share
+# a key: a harmless, rare extra wait, never a missed exclusion.
+ADVISORY_KEY = "({} %% 2147483647)::int"
+RESCHEDULED_CHANNEL = "lqjobs:rescheduled"
+INSERT_CHANNEL = "jobs:insert"
 RowT = TypeVar("RowT", bound=BaseModel)
 
 # payload travels as JSON text: never re-encoded on its way to a function.
@@ -292,6 +299,112 @@ class JobsDB:
         args = [sql.Placeholder(), sql.SQL("%s::bigint[]")]
         params = [worker_id, None if ids is None else list(ids)]
         self._void(conn, self._call("release_scheduled_jobs", "1", args), params)
+
+    # -- fenced writes: the lease is re-checked in the same statement ----------------
+
+    def _lease_cte(self) -> sql.Composed:
+        # Filtering on the whole lease with FOR UPDATE: a concurrent re-lease makes
+        # Postgres re-check the row after the wait, and the write is skipped.
+        return sql.SQL(
+            "WITH lease AS (SELECT id FROM {schema}.jobs WHERE id = %(id)s "
+            "AND locked_by = %(worker)s AND attempts = %(attempts)s "
+            "AND locked_at = %(locked_at)s FOR UPDATE)"
+        ).format(schema=self._schema)
+
+    @staticmethod
+    def _lease_params(lease: Lease) -> dict[str, Any]:
+        return {"id": lease.job_id, "worker": lease.worker_id, "attempts": lease.attempts,
+                "locked_at": lease.locked_at}
+
+    def preflight(self, conn: Connection, lease: Lease) -> tuple[JobRow | None, bool]:
+        """The job row if it is still held under ``lease``, and whether this session
+        took the job's advisory lock (no two overlapping calls for one job).
+
+        Selected by id alone ``FOR SHARE``, so it waits for a bridge transaction
+        that has published but not yet committed, then reads the committed row."""
+        query = sql.SQL(
+            "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
+            "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
+            "AS advisory FROM {schema}.jobs WHERE id = %(id)s FOR SHARE"
+        ).format(columns=sql.SQL(JOB_COLUMNS), schema=self._schema,
+                 ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("id")))
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, self._lease_params(lease))
+            row = cur.fetchone()
+        if row is None:
+            return None, False
+        locked = bool(row.pop("advisory"))
+        job = JobRow.model_validate(row)
+        return (job, locked) if lease.held_by(job) else (None, False)
+
+    def release_advisory(self, conn: Connection, job_id: int) -> None:
+        query = sql.SQL("SELECT pg_advisory_unlock({ns}, {key})").format(
+            ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("%s::bigint")))
+        self._void(conn, query, [job_id])
+
+    def fenced_complete(self, conn: Connection, lease: Lease) -> bool:
+        """complete_job, only while the row is held under ``lease``."""
+        query = self._lease_cte() + sql.SQL(
+            " SELECT count(*) FROM lease, LATERAL {schema}.complete_job(%(worker)s, lease.id) c"
+        ).format(schema=self._schema)
+        return self._count(conn, query, self._lease_params(lease)) > 0
+
+    def fenced_fail(self, conn: Connection, lease: Lease, error_message: str) -> bool:
+        """fail_job, only while the row is held under ``lease``; the SQL backs it off.
+        Wakes bridges (``lqjobs:rescheduled``) so the retry runs on time."""
+        query = self._lease_cte() + sql.SQL(
+            " SELECT count(*) FROM lease, LATERAL {schema}.fail_job(%(worker)s, lease.id, "
+            "%(message)s) f WHERE pg_notify({channel}, '') IS NOT NULL"
+        ).format(schema=self._schema, channel=sql.Literal(RESCHEDULED_CHANNEL))
+        params = self._lease_params(lease) | {"message": error_message or "unknown error"}
+        return self._count(conn, query, params) > 0
+
+    def fenced_fail_permanently(self, conn: Connection, lease: Lease, error_message: str) -> bool:
+        """fail_job then permanently_fail_jobs, in one transaction, under ``lease``."""
+        with translated_errors(), conn.transaction():
+            if not self.fenced_fail(conn, lease, error_message):
+                return False
+            self.permanently_fail_jobs(conn, [lease.job_id], error_message or "unknown error")
+            return True
+
+    def _count(self, conn: Connection, query: sql.Composed, params: dict[str, Any]) -> int:
+        with translated_errors():
+            row = conn.execute(query, params).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- bridge helpers (read-only) ------------------------------------------------
+
+    def count_locked_by(self, conn: Connection, worker_id: str) -> int:
+        """Jobs locked and not yet settled by ``worker_id`` (the bridge's in-flight)."""
+        query = sql.SQL("SELECT count(*) FROM {schema}.jobs WHERE locked_by = %(worker)s").format(
+            schema=self._schema)
+        return self._count(conn, query, {"worker": worker_id})
+
+    def seconds_until_next_job(
+        self, conn: Connection, task_identifiers: Sequence[str] | None, job_expiry: timedelta
+    ) -> float | None:
+        """When the next job becomes runnable without any NOTIFY: a future run_at
+        (delays, back-offs) or an expiring lock. None when there is none."""
+        query = sql.SQL(
+            """
+            SELECT extract(epoch FROM least(
+                (SELECT min(run_at) FROM {schema}.jobs
+                  WHERE locked_at IS NULL AND attempts < max_attempts AND run_at > now()
+                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s))),
+                (SELECT min(locked_at) + %(expiry)s::interval FROM {schema}.jobs
+                  WHERE locked_at IS NOT NULL AND attempts < max_attempts
+                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s)))
+            ) - now())::float8
+            """
+        ).format(schema=self._schema)
+        params = {"tasks": None if task_identifiers is None else list(task_identifiers),
+                  "expiry": job_expiry}
+        with translated_errors():
+            row = conn.execute(query, params).fetchone()
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+    def ping(self, conn: Connection) -> None:
+        self._void(conn, sql.SQL("SELECT 1"), [])
 
     # -- read-only helpers (lqjobs additions; no writes) ----------------------------
 

@@ -8,13 +8,14 @@ and pass it down; library code never reads ``os.environ``.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from lqjobs.errors import ConfigurationError
 
@@ -73,6 +74,7 @@ class Settings(BaseSettings):
     # instead of resolving <task>.<namespace>.svc.cluster.local directly.
     knative_ingress_url: str | None = _env("LQJOBS_KNATIVE_INGRESS_URL", default=None)
     retry_on_404: bool = _env("LQJOBS_RETRY_ON_404", default=True)
+    db_pool_size: int = _env("LQJOBS_DB_POOL_SIZE", default=32, ge=1)
     max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
     max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
     poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
@@ -165,6 +167,10 @@ def load_settings(**overrides: Any) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc)) from None
+    except SettingsError as exc:  # a JSON-valued variable that is not JSON
+        found = re.search(r'field "(\w+)"', str(exc))
+        variable = env_name(found.group(1)) if found else "settings"
+        raise ConfigurationError(f"invalid {variable}: not valid JSON") from None
 
 
 def _describe(exc: ValidationError) -> str:

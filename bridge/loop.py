@@ -1,0 +1,201 @@
+"""The bridge: the unchanged LISTEN / poll / lock loop, handing jobs to Celery.
+
+Lock -> publish -> commit: ``get_job`` runs in an open transaction, the messages
+are published, and only then does the transaction commit. A crash or a broker
+error before the commit rolls the lock back, so the job is untouched; a message
+whose lock never committed is dropped by the task's lease check.
+
+Wake-ups: ``NOTIFY "jobs:insert"`` for new jobs, ``lqjobs:rescheduled`` after a
+task's ``fail_job``, a timer for the earliest future ``run_at`` or expiring lock
+(no NOTIFY exists for those), and a slow safety poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from datetime import timedelta
+
+from psycopg import sql
+
+from bridge.publisher import Publisher
+from lqjobs import db
+from lqjobs.db import Connection, JobsDB
+from lqjobs.errors import ConfigurationError, DatabaseError
+from lqjobs.models import JobRow
+from lqjobs.settings import Settings
+
+log = logging.getLogger(__name__)
+HOST_PART = re.compile(r"[A-Za-z0-9._-]{1,40}")
+SATURATED_RECHECK = 0.02  # seconds between in-flight checks while at the cap
+WAIT_SLICE = 0.25  # longest uninterrupted wait, so stop() is honoured quickly
+
+
+def new_worker_id(hostname: str) -> str:
+    """A worker id for this bridge incarnation: never reused, so never released
+    while its messages may still be live in Celery."""
+    host = hostname[:40]
+    if not HOST_PART.fullmatch(host):
+        raise ConfigurationError("invalid HOSTNAME: only letters, digits, '.', '_' and '-' "
+                                 "may form a worker id")
+    return f"bridge-{host}-{secrets.token_hex(6)}"
+
+
+class Bridge:
+    def __init__(self, settings: Settings, publisher: Publisher, *, batch_size: int = 50,
+                 worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.worker_id = worker_id or new_worker_id(settings.hostname)
+        self.jobs_db = JobsDB(settings.jobs_schema)
+        self.task_filter = settings.task_filter()
+        self.job_expiry = timedelta(seconds=settings.job_expiry)
+        self.counters: Counter[str] = Counter()
+        self._stopping = threading.Event()
+        self._saturated = False
+        self._conn: Connection | None = None
+        self._listener: Connection | None = None
+
+    # -- one pass -------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Lock and hand off jobs until none is ready or the in-flight cap is reached."""
+        handed = 0
+        self._saturated = False
+        while not self._stopping.is_set():
+            conn = self._work_connection()
+            room = self.settings.max_in_flight - self.jobs_db.count_locked_by(conn, self.worker_id)
+            if room <= 0:
+                self._saturated = True
+                break
+            limit = min(self.batch_size, room)
+            locked = self._dispatch_batch(conn, limit)
+            handed += locked
+            if locked < limit:
+                break
+        return handed
+
+    def _dispatch_batch(self, conn: Connection, limit: int) -> int:
+        with conn.transaction():
+            jobs = self._lock_jobs(conn, limit)
+            sendable = [job for job in jobs if not self._reject_oversized(conn, job)]
+            if sendable:
+                self.publisher.publish(sendable)
+        self.counters["locked"] += len(jobs)
+        self.counters["dispatched"] += len(sendable)
+        return len(jobs)
+
+    def _lock_jobs(self, conn: Connection, limit: int) -> list[JobRow]:
+        jobs: list[JobRow] = []
+        while len(jobs) < limit:
+            job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
+    def _reject_oversized(self, conn: Connection, job: JobRow) -> bool:
+        size = len(job.payload.encode())
+        if size <= self.settings.max_payload_bytes:
+            return False
+        message = f"payload too large: {size} bytes (limit {self.settings.max_payload_bytes})"
+        self.jobs_db.fail_job(conn, self.worker_id, job.id, message)
+        self.jobs_db.permanently_fail_jobs(conn, [job.id], message)
+        self.counters["oversized"] += 1
+        log.warning("payload too large: failed permanently", extra={
+            "action": "payload_too_large", "job_id": job.id, "task": job.task_identifier,
+            "database_id": str(job.database_id), "worker_id": self.worker_id, "bytes": size})
+        return True
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        log.info("bridge started", extra={"action": "bridge_started", "worker_id": self.worker_id})
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+                self.run_once()
+                failures = 0
+                self._wait(self._next_wake())
+            except DatabaseError as exc:
+                failures += 1
+                self._on_failure("database unavailable", exc, failures)
+            except Exception as exc:  # the broker: kombu/redis errors have no common root
+                failures += 1
+                self._on_failure("publish failed", exc, failures)
+        self._close()
+        log.info("bridge stopped", extra={"action": "bridge_stopped", "worker_id": self.worker_id,
+                                          **dict(self.counters)})
+
+    def stop(self) -> None:
+        """Stop locking; the hand-off in progress finishes. Safe from any thread or
+        a signal handler, any number of times."""
+        self._stopping.set()
+
+    def _on_failure(self, what: str, exc: Exception, failures: int) -> None:
+        # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
+        delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+        log.warning(f"{what}; retrying", extra={
+            "action": "bridge_backoff", "worker_id": self.worker_id,
+            "error": type(exc).__name__, "retry_in": round(delay, 2)})
+        self._close()
+        self._stopping.wait(delay)
+
+    def _next_wake(self) -> float:
+        if self._saturated:
+            return SATURATED_RECHECK
+        due = self.jobs_db.seconds_until_next_job(
+            self._work_connection(), self.task_filter, self.job_expiry)
+        poll = self.settings.poll_interval
+        return poll if due is None else min(poll, due + 0.001)
+
+    def _wait(self, timeout: float) -> None:
+        """Sleep until a notification, the timeout, or stop()."""
+        listener = self._listen()
+        deadline = time.monotonic() + timeout
+        while not self._stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.jobs_db.ping(listener)  # a silently dead listener shows up here
+                return
+            with db.translated_errors():
+                if any(True for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE),
+                                                       stop_after=1)):
+                    self._drain(listener)
+                    return
+
+    @staticmethod
+    def _drain(listener: Connection) -> None:
+        with db.translated_errors():
+            for _ in listener.notifies(timeout=0):
+                pass
+
+    # -- connections ------------------------------------------------------------
+
+    def _work_connection(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = db.connect(self.settings.conninfo(), autocommit=True)
+        return self._conn
+
+    def _listen(self) -> Connection:
+        """The dedicated LISTEN connection; after a reconnect the caller polls at once."""
+        if self._listener is None or self._listener.closed:
+            listener = db.connect(self.settings.conninfo(), autocommit=True)
+            with db.translated_errors():
+                for channel in (db.INSERT_CHANNEL, db.RESCHEDULED_CHANNEL):
+                    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self._listener = listener
+        return self._listener
+
+    def _close(self) -> None:
+        for conn in (self._conn, self._listener):
+            if conn is not None:
+                conn.close()
+        self._conn = self._listener = None

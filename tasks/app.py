@@ -1,0 +1,59 @@
+"""The Celery app: configured from Settings, with the one task that runs app_jobs jobs.
+
+An existing Celery shop calls :func:`register` on its own app instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from lqjobs.errors import ConfigurationError
+from lqjobs.settings import Settings, load_settings
+from tasks.run_job import TASK_NAME, register_run_job
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Settings that make a job impossible to lose: late acks, requeue on a lost
+    worker, one prefetched message per slot, JSON only."""
+    return {
+        "broker_url": settings.broker_url.get_secret_value(),
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_soft_time_limit": settings.task_soft_time_limit,
+        "task_time_limit": settings.task_time_limit,
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def check_timeout_ladder(settings: Settings) -> None:
+    problems = settings.timeout_ladder_problems()
+    if problems:
+        raise ConfigurationError("timeout ladder violated: " + "; ".join(problems))
+
+
+def register(app: Celery, settings: Settings) -> None:
+    """Add lqjobs' task (and its configuration) to an existing Celery app."""
+    check_timeout_ladder(settings)
+    app.conf.update(celery_config(settings))
+    register_run_job(app, settings)
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = Celery("lqjobs", set_as_current=False)
+    register(app, settings)
+    return app
+
+
+__all__ = ["TASK_NAME", "celery_config", "create_app", "register"]

@@ -1,0 +1,15 @@
+"""Entry point for ``celery -A tasks worker``: the app is built from the environment
+here, at the edge, and nowhere else."""
+
+from __future__ import annotations
+
+import sys
+
+from lqjobs.errors import ConfigurationError
+from tasks.app import create_app
+
+try:
+    app = create_app()
+except ConfigurationError as exc:  # one clear line, not a traceback
+    print(f"lqjobs: {exc}", file=sys.stderr)
+    raise SystemExit(3) from None

@@ -1,0 +1,267 @@
+"""The Celery task that runs one app_jobs job under its lease.
+
+Order of events for one delivery:
+1. preflight: the row must still be held under the message's lease (else the
+   delivery is stale: acknowledged and dropped, the row untouched), and this
+   worker must win the job's advisory lock (else another delivery of the same
+   lease is running: try again later, never overlap);
+2. a redelivery whose call had already started (its worker died mid-call)
+   becomes a fenced ``fail_job``, not a second call;
+3. invoke the executor, then record the outcome with a fenced ``complete_job`` /
+   ``fail_job``. Celery retries are never used for job failures: the SQL
+   back-off is the only retry policy. If the database is unreachable after the
+   call, only the bookkeeping is retried, never the function.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import redis
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from lqjobs import tokens
+from lqjobs.db import Connection, JobsDB
+from lqjobs.errors import DatabaseError, DatabaseUnavailable
+from lqjobs.executors import (
+    Deferred,
+    Done,
+    ExecutorRouter,
+    Failed,
+    Invocation,
+    Outcome,
+    build_router,
+    make_http_client,
+)
+from lqjobs.lease import Lease
+from lqjobs.models import JobRow
+from lqjobs.settings import Settings
+
+TASK_NAME = "lqjobs.run_job"
+BUSY_RETRY_SECONDS = 2.0
+log = logging.getLogger(__name__)
+
+
+class Result(enum.Enum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    FAILED_PERMANENTLY = "failed_permanently"
+    DEFERRED = "deferred"
+    STALE = "stale"  # the lease is gone: dropped, untouched
+    BUSY = "busy"  # another delivery of this lease holds the job: try later
+    WORKER_LOST = "worker_lost"  # redelivered after its call had started: failed, not re-run
+    UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
+
+
+class StartedMarks:
+    """Remembers in Redis which leases had their call started, so a redelivery
+    after a lost worker is told apart from one that never ran (warm shutdown)."""
+
+    def __init__(self, client: redis.Redis | None, ttl: timedelta) -> None:
+        self.client = client
+        self.ttl = ttl
+
+    @staticmethod
+    def _key(lease: Lease) -> str:
+        return f"lqjobs:started:{lease.task_id()}"
+
+    def mark(self, lease: Lease) -> None:
+        if self.client is not None:
+            self.client.set(self._key(lease), b"1", ex=self.ttl)
+
+    def was_started(self, lease: Lease) -> bool:
+        return self.client is not None and bool(self.client.exists(self._key(lease)))
+
+
+class JobRunner:
+    """Everything one worker process needs to run jobs; built once per process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: ConnectionPool[Connection],
+        router: ExecutorRouter,
+        marks: StartedMarks,
+    ) -> None:
+        self.settings = settings
+        self.jobs_db = JobsDB(settings.jobs_schema)
+        self.pool = pool
+        self.router = router
+        self.marks = marks
+        self.job_expiry = timedelta(seconds=settings.job_expiry)
+        self.http_client: httpx.Client | None = None  # owned here when build_runner made it
+        self.callback_keys = (
+            tokens.CallbackKeys.parse(settings.callback_keys.get_secret_value())
+            if settings.callback_keys else None
+        )
+
+    def run(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
+        with self.pool.connection() as conn:
+            job, locked = self.jobs_db.preflight(conn, lease)
+            if job is None:
+                log.info("stale delivery dropped", extra=_fields(lease, task, "stale_dropped"))
+                return Result.STALE
+            if not locked:
+                return Result.BUSY
+            try:
+                return self._run_locked(conn, job, lease, call_id, redelivered)
+            finally:
+                self._unlock(conn, lease)
+
+    def _run_locked(
+        self, conn: Connection, job: JobRow, lease: Lease, call_id: str, redelivered: bool
+    ) -> Result:
+        if redelivered and self.marks.was_started(lease):
+            log.warning("redelivered after its worker was lost",
+                        extra=_fields(lease, job.task_identifier, "worker_lost"))
+            recorded = self._record(conn, lease, Failed("worker lost during attempt"))
+            return Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded
+        self.marks.mark(lease)
+        outcome = self._invoke(job, lease, call_id)
+        return self._record(conn, lease, outcome)
+
+    def _invoke(self, job: JobRow, lease: Lease, call_id: str) -> Outcome:
+        invocation = Invocation(
+            job_id=job.id,
+            task_identifier=job.task_identifier,
+            database_id=str(job.database_id),
+            worker_id=lease.worker_id,
+            attempt=lease.attempts,
+            payload=job.payload,
+            call_id=call_id,
+            callback_url=self._callback_url(lease),
+        )
+        try:
+            return self.router.for_task(job.task_identifier).invoke(invocation)
+        except SoftTimeLimitExceeded:
+            return Failed(f"timeout after {self.settings.task_soft_time_limit:g}s (soft time limit)")
+
+    def _callback_url(self, lease: Lease) -> str | None:
+        base = self.settings.internal_jobs_callback_url
+        if base is None:
+            return None
+        if self.callback_keys is None:
+            return base
+        return tokens.callback_url(base, tokens.sign(self.callback_keys, lease, self.job_expiry))
+
+    def _record(self, conn: Connection, lease: Lease, outcome: Outcome) -> Result:
+        try:
+            return self._write(conn, lease, outcome)
+        except DatabaseUnavailable:
+            return self._record_with_retries(lease, outcome)
+
+    def _record_with_retries(self, lease: Lease, outcome: Outcome) -> Result:
+        """The call is done; only its bookkeeping is retried, until the lease expires."""
+        deadline = time.monotonic() + self.settings.job_expiry
+        delay = 0.2
+        while time.monotonic() + delay < deadline:
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                with self.pool.connection(timeout=5) as conn:
+                    return self._write(conn, lease, outcome)
+            except (DatabaseUnavailable, PoolTimeout):
+                continue
+        log.error("outcome not recorded: database unreachable until lease expiry",
+                  extra=_fields(lease, "", "unrecorded"))
+        return Result.UNRECORDED
+
+    def _write(self, conn: Connection, lease: Lease, outcome: Outcome) -> Result:
+        if isinstance(outcome, Done):
+            settled = self.jobs_db.fenced_complete(conn, lease)
+            result = Result.COMPLETED
+        elif isinstance(outcome, Deferred):
+            return Result.DEFERRED
+        elif outcome.permanent:
+            settled = self.jobs_db.fenced_fail_permanently(conn, lease, outcome.message)
+            result = Result.FAILED_PERMANENTLY
+        else:
+            settled = self.jobs_db.fenced_fail(conn, lease, outcome.message)
+            result = Result.FAILED
+        if not settled:
+            log.info("outcome dropped: lease changed during the call",
+                     extra=_fields(lease, "", "stale_outcome"))
+            return Result.STALE
+        return result
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.http_client is not None:
+            self.http_client.close()
+        if self.marks.client is not None:
+            self.marks.client.close()
+
+    def _unlock(self, conn: Connection, lease: Lease) -> None:
+        try:
+            self.jobs_db.release_advisory(conn, lease.job_id)
+        except DatabaseError:
+            pass  # a broken session has dropped the lock already
+
+
+def _fields(lease: Lease, task: str, action: str) -> dict[str, Any]:
+    return {"action": action, "job_id": lease.job_id, "task": task,
+            "worker_id": lease.worker_id, "attempt": lease.attempts}
+
+
+def build_runner(settings: Settings) -> JobRunner:
+    pool: ConnectionPool[Connection] = ConnectionPool(
+        settings.conninfo(), min_size=1, max_size=settings.db_pool_size,
+        kwargs={"autocommit": True}, open=True, name="lqjobs-worker",
+    )
+    client: httpx.Client = make_http_client(settings)
+    broker = settings.broker_url.get_secret_value()
+    marks_client = redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
+    marks = StartedMarks(marks_client, timedelta(seconds=settings.job_expiry))
+    runner = JobRunner(settings, pool, build_router(settings, client), marks)
+    runner.http_client = client
+    return runner
+
+
+class _PerProcess:
+    """One runner per worker process, built lazily after a prefork child forks."""
+
+    def __init__(self, factory: Callable[[], JobRunner]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._runner: JobRunner | None = None
+        self._pid = 0
+
+    def get(self) -> JobRunner:
+        with self._lock:
+            if self._runner is None or self._pid != os.getpid():
+                self._runner, self._pid = self._factory(), os.getpid()
+            return self._runner
+
+    def close(self) -> None:
+        with self._lock:
+            if self._runner is not None and self._pid == os.getpid():
+                self._runner.close()
+            self._runner = None
+
+
+def register_run_job(app: Celery, settings: Settings) -> Task:  # type: ignore[type-arg]
+    runners = _PerProcess(lambda: build_runner(settings))
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+              ignore_result=True, max_retries=None, shared=False)
+    def run_job(self: Task, job_id: int, worker_id: str, attempts: int,  # type: ignore[type-arg]
+                locked_at: str, task_identifier: str) -> str:
+        lease = Lease(job_id, worker_id, attempts, datetime.fromisoformat(locked_at))
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
+        if result is Result.BUSY:  # another delivery holds the job: come back, don't drop
+            raise self.retry(countdown=BUSY_RETRY_SECONDS)
+        return result.value
+
+    run_job.runners = runners  # lets an embedding process (or a test) close the pools
+    return run_job  # type: ignore[no-any-return]

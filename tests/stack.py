@@ -1,0 +1,85 @@
+"""Run the real stack in-process for integration tests: a Celery worker thread
+(the real WorkController, threads pool) and bridge threads, over the session's
+Postgres and Redis."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import redis
+from celery import Celery
+from celery.contrib.testing.worker import start_worker
+
+from bridge import Bridge, CeleryPublisher
+from lqjobs.embedded import wait_until
+from lqjobs.settings import Settings
+from tasks.app import create_app
+from tasks.run_job import TASK_NAME
+
+
+def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": db_url,
+        "broker_url": redis_url,
+        "jobs_support_any": True,
+        "poll_interval": 1.0,
+        "http_timeout": 5.0,
+        "http_connect_timeout": 1.0,
+        "task_soft_time_limit": 8.0,
+        "task_time_limit": 10.0,
+        "visibility_timeout": 20.0,
+        "max_queue_wait": 20.0,
+        "job_expiry": 60.0,
+        "hostname": "test-host",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def flush_broker(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    client.close()
+
+
+@contextlib.contextmanager
+def worker(app: Celery, concurrency: int = 8) -> Iterator[Any]:
+    with start_worker(app, concurrency=concurrency, pool="threads", perform_ping_check=False,
+                      shutdown_timeout=30, loglevel="WARNING") as running:
+        yield running
+    app.tasks[TASK_NAME].runners.close()
+
+
+@contextlib.contextmanager
+def bridge(settings: Settings, app: Celery, **kwargs: Any) -> Iterator[Bridge]:
+    running = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), **kwargs)
+    thread = threading.Thread(target=running.run_forever, name="bridge", daemon=True)
+    thread.start()
+    try:
+        yield running
+    finally:
+        running.stop()
+        thread.join(10)
+        assert not thread.is_alive(), "bridge did not stop within 10 s"
+
+
+@contextlib.contextmanager
+def stack(settings: Settings, concurrency: int = 8) -> Iterator[Bridge]:
+    flush_broker(settings.broker_url.get_secret_value())
+    app = create_app(settings)
+    with worker(app, concurrency), bridge(settings, app) as running:
+        yield running
+
+
+def count(db_url: str, where: str = "true") -> int:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        row = conn.execute(f"SELECT count(*) FROM app_jobs.jobs WHERE {where}").fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_for_empty_queue(db_url: str, timeout: float) -> None:
+    wait_until(lambda: count(db_url) == 0, timeout, "every job to be completed")
