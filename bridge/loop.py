@@ -41,14 +41,21 @@ def new_worker_id(hostname: str) -> str:
     while its messages may still be live in Celery."""
     host = hostname[:40]
     if not HOST_PART.fullmatch(host):
-        raise ConfigurationError("invalid HOSTNAME: only letters, digits, '.', '_' and '-' "
-                                 "may form a worker id")
+        raise ConfigurationError(
+            "invalid HOSTNAME: only letters, digits, '.', '_' and '-' may form a worker id"
+        )
     return f"bridge-{host}-{secrets.token_hex(6)}"
 
 
 class Bridge:
-    def __init__(self, settings: Settings, publisher: Publisher, *, batch_size: int = 50,
-                 worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher,
+        *,
+        batch_size: int = 50,
+        worker_id: str | None = None,
+    ) -> None:
         self.settings = settings
         self.publisher = publisher
         self.batch_size = batch_size
@@ -108,9 +115,17 @@ class Bridge:
         self.jobs_db.fail_job(conn, self.worker_id, job.id, message)
         self.jobs_db.permanently_fail_jobs(conn, [job.id], message)
         self.counters["oversized"] += 1
-        log.warning("payload too large: failed permanently", extra={
-            "action": "payload_too_large", "job_id": job.id, "task": job.task_identifier,
-            "database_id": str(job.database_id), "worker_id": self.worker_id, "bytes": size})
+        log.warning(
+            "payload too large: failed permanently",
+            extra={
+                "action": "payload_too_large",
+                "job_id": job.id,
+                "task": job.task_identifier,
+                "database_id": str(job.database_id),
+                "worker_id": self.worker_id,
+                "bytes": size,
+            },
+        )
         return True
 
     # -- the loop ---------------------------------------------------------------
@@ -131,8 +146,10 @@ class Bridge:
                 failures += 1
                 self._on_failure("publish failed", exc, failures)
         self._close()
-        log.info("bridge stopped", extra={"action": "bridge_stopped", "worker_id": self.worker_id,
-                                          **dict(self.counters)})
+        log.info(
+            "bridge stopped",
+            extra={"action": "bridge_stopped", "worker_id": self.worker_id, **dict(self.counters)},
+        )
 
     def stop(self) -> None:
         """Stop locking; the hand-off in progress finishes. Safe from any thread or
@@ -142,9 +159,15 @@ class Bridge:
     def _on_failure(self, what: str, exc: Exception, failures: int) -> None:
         # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
         delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
-        log.warning(f"{what}; retrying", extra={
-            "action": "bridge_backoff", "worker_id": self.worker_id,
-            "error": type(exc).__name__, "retry_in": round(delay, 2)})
+        log.warning(
+            f"{what}; retrying",
+            extra={
+                "action": "bridge_backoff",
+                "worker_id": self.worker_id,
+                "error": type(exc).__name__,
+                "retry_in": round(delay, 2),
+            },
+        )
         self._close()
         self._stopping.wait(delay)
 
@@ -152,7 +175,8 @@ class Bridge:
         if self._saturated:
             return SATURATED_RECHECK
         due = self.jobs_db.seconds_until_next_job(
-            self._work_connection(), self.task_filter, self.job_expiry)
+            self._work_connection(), self.task_filter, self.job_expiry
+        )
         poll = self.settings.poll_interval
         return poll if due is None else min(poll, due + 0.001)
 
@@ -166,8 +190,10 @@ class Bridge:
                 self.jobs_db.ping(listener)  # a silently dead listener shows up here
                 return
             with db.translated_errors():
-                if any(True for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE),
-                                                       stop_after=1)):
+                if any(
+                    True
+                    for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE), stop_after=1)
+                ):
                     self._drain(listener)
                     return
 

@@ -72,10 +72,13 @@ pass_context = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--database-url", help="Postgres URL (env: DATABASE_URL, else PGHOST/PGPORT/PGUSER/"
-              "PGPASSWORD/PGDATABASE).")
-@click.option("--schema", "jobs_schema", help="Jobs schema name (env: JOBS_SCHEMA; default "
-              "app_jobs).")
+@click.option(
+    "--database-url",
+    help="Postgres URL (env: DATABASE_URL, else PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE).",
+)
+@click.option(
+    "--schema", "jobs_schema", help="Jobs schema name (env: JOBS_SCHEMA; default app_jobs)."
+)
 @click.version_option(package_name="lqjobs")
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, jobs_schema: str | None) -> None:
@@ -84,34 +87,56 @@ def main(ctx: click.Context, database_url: str | None, jobs_schema: str | None) 
 
 
 @main.command("migrate")
-@click.option("--adopt", is_flag=True, help="Re-apply lqjobs' SQL over an app_jobs schema that "
-              "something else installed.")
+@click.option(
+    "--adopt",
+    is_flag=True,
+    help="Re-apply lqjobs' SQL over an app_jobs schema that something else installed.",
+)
 @pass_context
 @handles_errors
 def migrate_command(ctx: Context, adopt: bool) -> None:
     """Install the app_jobs schema from sql/ (a second run is a no-op)."""
     result = migrate.migrate(ctx.settings.conninfo(), ctx.settings.jobs_schema, adopt=adopt)
-    click.echo(f"schema {result.schema}: {result.outcome.value} "
-               f"({len(result.files)} files, {result.fingerprint})")
+    click.echo(
+        f"schema {result.schema}: {result.outcome.value} "
+        f"({len(result.files)} files, {result.fingerprint})"
+    )
 
 
 @main.command("add-job")
 @click.argument("task")
 @click.option("--payload", default="{}", show_default=True, help="Job payload as JSON.")
-@click.option("--database-id", default=NIL_UUID, show_default=True, help="Tenant uuid "
-              "(x-database-id).")
+@click.option(
+    "--database-id", default=NIL_UUID, show_default=True, help="Tenant uuid (x-database-id)."
+)
 @click.option("--key", help="Job key: an existing unlocked job with this key is replaced.")
 @click.option("--queue", help="Serial queue name: its jobs run one at a time.")
-@click.option("--run-at", type=click.DateTime(formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S",
-              "%Y-%m-%d %H:%M:%S%z"]), help="Not runnable before this time (ISO 8601).")
+@click.option(
+    "--run-at",
+    type=click.DateTime(
+        formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S%z"]
+    ),
+    help="Not runnable before this time (ISO 8601).",
+)
 @click.option("--priority", type=int, help="Lower runs first (default 0).")
-@click.option("--max-attempts", type=click.IntRange(min=1), help="Attempts before the job is "
-              "parked as failed (default 25).")
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    help="Attempts before the job is parked as failed (default 25).",
+)
 @pass_context
 @handles_errors
-def add_job_command(ctx: Context, task: str, payload: str, database_id: str, key: str | None,
-                    queue: str | None, run_at: datetime | None, priority: int | None,
-                    max_attempts: int | None) -> None:
+def add_job_command(
+    ctx: Context,
+    task: str,
+    payload: str,
+    database_id: str,
+    key: str | None,
+    queue: str | None,
+    run_at: datetime | None,
+    priority: int | None,
+    max_attempts: int | None,
+) -> None:
     """Enqueue one job through app_jobs.add_job."""
     try:
         value = json.loads(payload)
@@ -119,9 +144,17 @@ def add_job_command(ctx: Context, task: str, payload: str, database_id: str, key
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
-        job = ctx.jobs_db().add_job(conn, tenant, task, db.RawJson(json.dumps(value)),
-                                    job_key=key, queue_name=queue, run_at=run_at,
-                                    max_attempts=max_attempts, priority=priority)
+        job = ctx.jobs_db().add_job(
+            conn,
+            tenant,
+            task,
+            db.RawJson(json.dumps(value)),
+            job_key=key,
+            queue_name=queue,
+            run_at=run_at,
+            max_attempts=max_attempts,
+            priority=priority,
+        )
     click.echo(f"job {job.id} added: task={job.task_identifier} run_at={job.run_at.isoformat()}")
 
 
@@ -138,8 +171,14 @@ def status_command(ctx: Context, as_json: bool) -> None:
         return
     header = ("task", "ready", "delayed", "locked", "failed", "oldest ready")
     table = [header] + [
-        (r.task_identifier, str(r.ready), str(r.delayed), str(r.locked),
-         str(r.failed_permanently), _age(r.oldest_ready_age_seconds))
+        (
+            r.task_identifier,
+            str(r.ready),
+            str(r.delayed),
+            str(r.locked),
+            str(r.failed_permanently),
+            _age(r.oldest_ready_age_seconds),
+        )
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
@@ -169,14 +208,22 @@ def check_command(ctx: Context) -> None:
         _fail(f"check failed: {exc}", EXIT_FAILURE)
         return
     if not installed:
-        _fail(f"check failed: schema {settings.jobs_schema} is not installed "
-              f"in {redact_url(settings.conninfo())}", EXIT_FAILURE)
+        _fail(
+            f"check failed: schema {settings.jobs_schema} is not installed "
+            f"in {redact_url(settings.conninfo())}",
+            EXIT_FAILURE,
+        )
     click.echo(f"ok: {redact_url(settings.conninfo())} has schema {settings.jobs_schema}")
 
 
 @main.command("bridge")
-@click.option("--batch-size", type=click.IntRange(1, 1000), default=50, show_default=True,
-              help="Jobs locked and published per transaction.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 1000),
+    default=50,
+    show_default=True,
+    help="Jobs locked and published per transaction.",
+)
 @pass_context
 @handles_errors
 def bridge_command(ctx: Context, batch_size: int) -> None:
@@ -191,7 +238,9 @@ def bridge_command(ctx: Context, batch_size: int) -> None:
     settings = ctx.settings
     configure_logging(settings.log_level)
     if not settings.jobs_support_any and not settings.jobs_supported:
-        raise ConfigurationError("set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true")
+        raise ConfigurationError(
+            "set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true"
+        )
     app = create_app(settings)
     bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
     for signum in (signal.SIGTERM, signal.SIGINT):

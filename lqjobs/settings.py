@@ -117,7 +117,7 @@ class Settings(BaseSettings):
             "password": self.pgpassword.get_secret_value() if self.pgpassword else None,
             "dbname": self.pgdatabase,
         }
-        return make_conninfo(**{k: v for k, v in parts.items() if v is not None})
+        return make_conninfo("", **{k: v for k, v in parts.items() if v is not None})
 
     def task_filter(self) -> list[str] | None:
         """The task list handed to get_job: None means any task (JOBS_SUPPORT_ANY)."""

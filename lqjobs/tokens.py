@@ -37,11 +37,13 @@ class CallbackKeys:
             kid, sep, secret = item.partition(":")
             if not sep or not kid.isalnum():
                 raise ConfigurationError(
-                    "invalid LQJOBS_CALLBACK_KEYS: expected kid:secret pairs, kid alphanumeric")
+                    "invalid LQJOBS_CALLBACK_KEYS: expected kid:secret pairs, kid alphanumeric"
+                )
             if len(secret.encode()) < MIN_KEY_BYTES:
                 raise ConfigurationError(
                     f"invalid LQJOBS_CALLBACK_KEYS: key {kid!r} is shorter than "
-                    f"{MIN_KEY_BYTES} bytes")
+                    f"{MIN_KEY_BYTES} bytes"
+                )
             keys[kid] = secret.encode()
         if not keys:
             raise ConfigurationError("invalid LQJOBS_CALLBACK_KEYS: no key given")

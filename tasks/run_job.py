@@ -15,6 +15,7 @@ Order of events for one delivery:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
@@ -102,7 +103,8 @@ class JobRunner:
         self.http_client: httpx.Client | None = None  # owned here when build_runner made it
         self.callback_keys = (
             tokens.CallbackKeys.parse(settings.callback_keys.get_secret_value())
-            if settings.callback_keys else None
+            if settings.callback_keys
+            else None
         )
 
     def run(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
@@ -122,8 +124,10 @@ class JobRunner:
         self, conn: Connection, job: JobRow, lease: Lease, call_id: str, redelivered: bool
     ) -> Result:
         if redelivered and self.marks.was_started(lease):
-            log.warning("redelivered after its worker was lost",
-                        extra=_fields(lease, job.task_identifier, "worker_lost"))
+            log.warning(
+                "redelivered after its worker was lost",
+                extra=_fields(lease, job.task_identifier, "worker_lost"),
+            )
             recorded = self._record(conn, lease, Failed("worker lost during attempt"))
             return Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded
         self.marks.mark(lease)
@@ -144,7 +148,9 @@ class JobRunner:
         try:
             return self.router.for_task(job.task_identifier).invoke(invocation)
         except SoftTimeLimitExceeded:
-            return Failed(f"timeout after {self.settings.task_soft_time_limit:g}s (soft time limit)")
+            return Failed(
+                f"timeout after {self.settings.task_soft_time_limit:g}s (soft time limit)"
+            )
 
     def _callback_url(self, lease: Lease) -> str | None:
         base = self.settings.internal_jobs_callback_url
@@ -172,8 +178,10 @@ class JobRunner:
                     return self._write(conn, lease, outcome)
             except (DatabaseUnavailable, PoolTimeout):
                 continue
-        log.error("outcome not recorded: database unreachable until lease expiry",
-                  extra=_fields(lease, "", "unrecorded"))
+        log.error(
+            "outcome not recorded: database unreachable until lease expiry",
+            extra=_fields(lease, "", "unrecorded"),
+        )
         return Result.UNRECORDED
 
     def _write(self, conn: Connection, lease: Lease, outcome: Outcome) -> Result:
@@ -189,8 +197,10 @@ class JobRunner:
             settled = self.jobs_db.fenced_fail(conn, lease, outcome.message)
             result = Result.FAILED
         if not settled:
-            log.info("outcome dropped: lease changed during the call",
-                     extra=_fields(lease, "", "stale_outcome"))
+            log.info(
+                "outcome dropped: lease changed during the call",
+                extra=_fields(lease, "", "stale_outcome"),
+            )
             return Result.STALE
         return result
 
@@ -202,25 +212,34 @@ class JobRunner:
             self.marks.client.close()
 
     def _unlock(self, conn: Connection, lease: Lease) -> None:
-        try:
+        with contextlib.suppress(DatabaseError):  # a broken session dropped the lock already
             self.jobs_db.release_advisory(conn, lease.job_id)
-        except DatabaseError:
-            pass  # a broken session has dropped the lock already
 
 
 def _fields(lease: Lease, task: str, action: str) -> dict[str, Any]:
-    return {"action": action, "job_id": lease.job_id, "task": task,
-            "worker_id": lease.worker_id, "attempt": lease.attempts}
+    return {
+        "action": action,
+        "job_id": lease.job_id,
+        "task": task,
+        "worker_id": lease.worker_id,
+        "attempt": lease.attempts,
+    }
 
 
 def build_runner(settings: Settings) -> JobRunner:
     pool: ConnectionPool[Connection] = ConnectionPool(
-        settings.conninfo(), min_size=1, max_size=settings.db_pool_size,
-        kwargs={"autocommit": True}, open=True, name="lqjobs-worker",
+        settings.conninfo(),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        kwargs={"autocommit": True},
+        open=True,
+        name="lqjobs-worker",
     )
     client: httpx.Client = make_http_client(settings)
     broker = settings.broker_url.get_secret_value()
-    marks_client = redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
+    marks_client = (
+        redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
+    )
     marks = StartedMarks(marks_client, timedelta(seconds=settings.job_expiry))
     runner = JobRunner(settings, pool, build_router(settings, client), marks)
     runner.http_client = client
@@ -249,19 +268,33 @@ class _PerProcess:
             self._runner = None
 
 
-def register_run_job(app: Celery, settings: Settings) -> Task:  # type: ignore[type-arg]
+def register_run_job(app: Celery, settings: Settings) -> Any:
+    """Add the run_job task to ``app``; returns the Celery task."""
     runners = _PerProcess(lambda: build_runner(settings))
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
-              ignore_result=True, max_retries=None, shared=False)
-    def run_job(self: Task, job_id: int, worker_id: str, attempts: int,  # type: ignore[type-arg]
-                locked_at: str, task_identifier: str) -> str:
+    def run_job(
+        self: Task,
+        job_id: int,
+        worker_id: str,
+        attempts: int,
+        locked_at: str,
+        task_identifier: str,
+    ) -> str:
         lease = Lease(job_id, worker_id, attempts, datetime.fromisoformat(locked_at))
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
         if result is Result.BUSY:  # another delivery holds the job: come back, don't drop
             raise self.retry(countdown=BUSY_RETRY_SECONDS)
-        return result.value
+        return str(result.value)
 
-    run_job.runners = runners  # lets an embedding process (or a test) close the pools
-    return run_job  # type: ignore[no-any-return]
+    task = app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=None,
+        shared=False,
+    )(run_job)
+    task.runners = runners  # lets an embedding process (or a test) close the pools
+    return task

@@ -27,9 +27,9 @@ _counter = itertools.count()
 
 # The suite constructs Settings itself; the developer's shell must not leak in.
 for _name in list(os.environ):
-    if _name.startswith(("LQJOBS_", "JOBS_", "PG", "INTERNAL_", "KNATIVE_")) and not _name.startswith(
-        "LQJOBS_TEST_"
-    ):
+    if _name.startswith(
+        ("LQJOBS_", "JOBS_", "PG", "INTERNAL_", "KNATIVE_")
+    ) and not _name.startswith("LQJOBS_TEST_"):
         del os.environ[_name]
 os.environ.pop("DATABASE_URL", None)
 
@@ -69,7 +69,9 @@ def database_url(base_url: str, dbname: str) -> str:
 
 def _recreate(admin_url: str, name: str, template: str | None = None) -> None:
     with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
         create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         if template:
             create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
@@ -104,7 +106,9 @@ def db_url(pg_url: str, template_db: str) -> Iterator[str]:
 
 def _drop(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture

@@ -48,8 +48,14 @@ def flush_broker(redis_url: str) -> None:
 
 @contextlib.contextmanager
 def worker(app: Celery, concurrency: int = 8) -> Iterator[Any]:
-    with start_worker(app, concurrency=concurrency, pool="threads", perform_ping_check=False,
-                      shutdown_timeout=30, loglevel="WARNING") as running:
+    with start_worker(
+        app,
+        concurrency=concurrency,
+        pool="threads",
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        loglevel="WARNING",
+    ) as running:
         yield running
     app.tasks[TASK_NAME].runners.close()
 

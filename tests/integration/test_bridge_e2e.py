@@ -28,8 +28,9 @@ def functions() -> Iterator[FunctionServer]:
 def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any) -> list[int]:
     jobs_db = JobsDB()
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        return [jobs_db.add_job(conn, TENANT, task, payload or {"i": i}, **kwargs).id
-                for i in range(n)]
+        return [
+            jobs_db.add_job(conn, TENANT, task, payload or {"i": i}, **kwargs).id for i in range(n)
+        ]
 
 
 def knative(functions: FunctionServer) -> dict[str, Any]:
@@ -62,14 +63,18 @@ def test_jobs_through_openfaas_sync_and_devmap(
 ) -> None:
     job_ids = add_jobs(db_url, "hello", 200)
     settings = make_settings(
-        db_url, redis_url, executor=executor, internal_gateway_url=functions.url,
+        db_url,
+        redis_url,
+        executor=executor,
+        internal_gateway_url=functions.url,
         internal_gateway_development_map={"hello": functions.dev_url("hello")},
     )
     with stack(settings):
         wait_for_empty_queue(db_url, timeout=60)
     assert_each_called_once(functions, job_ids)
     assert {call.route for call in functions.calls.all()} == {
-        "openfaas" if executor == "openfaas" else "plain"}
+        "openfaas" if executor == "openfaas" else "plain"
+    }
 
 
 def test_a_failing_job_is_retried_on_the_sql_backoff(
@@ -97,8 +102,8 @@ def test_a_permanent_failure_is_parked_after_one_call(
         assert bridge.counters["dispatched"] == 1
     with psycopg.connect(db_url, autocommit=True) as conn:
         attempts, max_attempts, error = conn.execute(
-            "SELECT attempts, max_attempts, last_error FROM app_jobs.jobs WHERE id = %s",
-            [job_id]).fetchone()
+            "SELECT attempts, max_attempts, last_error FROM app_jobs.jobs WHERE id = %s", [job_id]
+        ).fetchone()
     assert attempts == max_attempts == 5
     assert "422" in error
     assert len(functions.calls.calls_for(job_id)) == 1

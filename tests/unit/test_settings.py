@@ -10,10 +10,17 @@ CANARY = "pw-CANARY-1"
 
 def test_node_runtime_names_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {
-        "PGHOST": "db.internal", "PGPORT": "5433", "PGUSER": "jobs", "PGPASSWORD": CANARY,
-        "PGDATABASE": "app", "JOBS_SCHEMA": "my_jobs", "JOBS_SUPPORT_ANY": "false",
-        "JOBS_SUPPORTED": "send-email, resize ,", "HOSTNAME": "pod-1",
-        "INTERNAL_JOBS_CALLBACK_PORT": "12346", "INTERNAL_GATEWAY_URL": "http://gateway:8080",
+        "PGHOST": "db.internal",
+        "PGPORT": "5433",
+        "PGUSER": "jobs",
+        "PGPASSWORD": CANARY,
+        "PGDATABASE": "app",
+        "JOBS_SCHEMA": "my_jobs",
+        "JOBS_SUPPORT_ANY": "false",
+        "JOBS_SUPPORTED": "send-email, resize ,",
+        "HOSTNAME": "pod-1",
+        "INTERNAL_JOBS_CALLBACK_PORT": "12346",
+        "INTERNAL_GATEWAY_URL": "http://gateway:8080",
         "KNATIVE_SERVICE_URL": "default.example.com",
         "INTERNAL_GATEWAY_DEVELOPMENT_MAP": '{"send-email": "http://localhost:9000"}',
     }

@@ -43,7 +43,11 @@ def test_tampering_is_rejected() -> None:
         f"{version}.{kid}.{body}.{flipped}",  # bit flipped
         f"{version}.k2.{body}.{mac}",  # claims the other key
         f"v2.{kid}.{body}.{mac}",
-        "", "v1", "v1.k1..", "v1.k9.x.y", token + "x" * 600,
+        "",
+        "v1",
+        "v1.k1..",
+        "v1.k9.x.y",
+        token + "x" * 600,
     ):
         assert tokens.verify(keys(), forged) is None, forged
 

@@ -1,0 +1,429 @@
+"""Fake function platforms on 127.0.0.1: real HTTP, for tests and ``lqjobs dev``.
+
+One threaded HTTP server plays every platform lqjobs calls:
+
+``POST /``                        a Knative ingress: the function is the first label of ``Host``
+``POST /function/<task>``         the OpenFaaS gateway, synchronous
+``POST /async-function/<task>``   the OpenFaaS gateway, asynchronous: 202 at once, then the
+                                  function runs and its result is POSTed to ``X-Callback-Url``
+                                  the way the queue-worker does it
+``POST /fn/<task>``               a plain per-task URL (``INTERNAL_GATEWAY_DEVELOPMENT_MAP``)
+
+Every task name is a function. Like the Node wrapper, a function echoes
+``X-Worker-Id`` / ``X-Job-Id`` / ``X-Database-Id`` as response headers.
+
+Behaviour comes from the job payload (a JSON object) over per-task defaults
+given as ``FunctionServer(tasks={"slow": {"sleep": 1}})``:
+
+``sleep``: seconds     work this long before answering
+``status``: int        answer with this status (default 200)
+``error``: str         fail with this message
+``fail_times``: int    fail the first N calls for this job id, then succeed
+``legacy``: bool       fail the Node wrapper's way: 200, ``X-Job-Error: true``, ``{"message"}``
+                       (otherwise a failure is ``status`` if >= 400, else 500, ``{"message"}``)
+``redirect``: url      answer 302 with this ``Location``
+``hang``: bool         never answer (until the server stops)
+``unreachable``: bool  sync: drop the connection unanswered; async: the queue-worker could not
+                       reach the function and posts a 503 callback without function headers
+``drop_callback``: bool  async: run the function but never post the callback
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+logger = logging.getLogger(__name__)
+
+_ECHOED = ("X-Worker-Id", "X-Job-Id", "X-Database-Id")
+_MAX_BODY = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What a function does for one call; see the module docstring."""
+
+    sleep: float = 0.0
+    status: int = 200
+    error: str | None = None
+    fail_times: int = 0
+    legacy: bool = False
+    redirect: str | None = None
+    hang: bool = False
+    unreachable: bool = False
+    drop_callback: bool = False
+
+    @classmethod
+    def from_options(cls, *layers: Mapping[str, Any]) -> Behaviour:
+        known = {f.name for f in fields(cls)}
+        options: dict[str, Any] = {}
+        for layer in layers:
+            options.update((k, v) for k, v in layer.items() if k in known)
+        return cls(**options)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One call of a function. ``status`` 0: it never answered (``hang``).
+
+    Async calls are recorded once the callback was posted (``callback_status``)
+    or deliberately dropped (``callback_status`` None).
+    """
+
+    route: str  # "knative" | "openfaas" | "openfaas-async" | "plain"
+    task: str
+    job_id: int | None
+    attempt: int | None
+    started: float  # time.monotonic()
+    ended: float
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    callback_status: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["body"] = self.body.decode("utf-8", "replace")
+        return data
+
+
+class CallLog:
+    """Thread-safe list of calls, optionally mirrored to a JSON-lines file."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._calls: list[CallRecord] = []
+        self._changed = threading.Condition()
+        self._path = path
+
+    def append(self, call: CallRecord) -> None:
+        with self._changed:
+            self._calls.append(call)
+            if self._path is not None:
+                with self._path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps(call.to_json()) + "\n")
+            self._changed.notify_all()
+
+    def all(self) -> list[CallRecord]:
+        with self._changed:
+            return list(self._calls)
+
+    def calls_for(self, job_id: int) -> list[CallRecord]:
+        return [call for call in self.all() if call.job_id == job_id]
+
+    def wait_for(
+        self, predicate: Callable[[list[CallRecord]], bool], timeout: float = 5.0
+    ) -> list[CallRecord]:
+        """Block until ``predicate(calls)`` holds; TimeoutError after ``timeout`` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: predicate(self._calls), timeout):
+                raise TimeoutError(
+                    f"condition not met within {timeout}s ({len(self._calls)} calls)"
+                )
+            return list(self._calls)
+
+    def wait_for_calls(
+        self, n: int, timeout: float = 5.0, *, job_id: int | None = None
+    ) -> list[CallRecord]:
+        """Block until ``n`` calls (for ``job_id``, if given) are recorded; return them."""
+
+        def matching(calls: list[CallRecord]) -> list[CallRecord]:
+            return [c for c in calls if job_id is None or c.job_id == job_id]
+
+        return matching(self.wait_for(lambda calls: len(matching(calls)) >= n, timeout))
+
+    def __len__(self) -> int:
+        with self._changed:
+            return len(self._calls)
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A request as the function sees it."""
+
+    route: str
+    task: str
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+    started: float = field(default_factory=time.monotonic)
+
+
+class FunctionServer:
+    """``with FunctionServer() as server:`` — ``server.url``, ``server.port``, ``server.calls``."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tasks: Mapping[str, Mapping[str, Any]] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.calls = CallLog(log_path)
+        self._tasks = dict(tasks or {})
+        self._host, self._requested_port = host, port
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int | None], int] = {}
+        self._workers: list[threading.Thread] = []
+        self._httpd: _Server | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> FunctionServer:
+        self._httpd = _Server((self._host, self._requested_port), _Handler)
+        self._httpd.app = self
+        thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        thread.start()
+        self._workers.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()  # releases hanging and sleeping functions
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+        for thread in self._workers:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> FunctionServer:
+        return self.start()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None, "server not started"
+        return int(self._httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self.port}"
+
+    def dev_url(self, task: str) -> str:
+        """The plain per-task URL, for ``INTERNAL_GATEWAY_DEVELOPMENT_MAP``."""
+        return f"{self.url}/fn/{task}"
+
+    # -- routing -----------------------------------------------------------------
+
+    def route(self, path: str, host: str) -> tuple[str, str] | None:
+        """(route, task) for a request path and Host header; None when nothing serves it."""
+        if path == "/":
+            name, dot, _ = host.partition(".")
+            return ("knative", name) if dot and name[:1].isalpha() else None
+        for prefix, route in (
+            ("/function/", "openfaas"),
+            ("/async-function/", "openfaas-async"),
+            ("/fn/", "plain"),
+        ):
+            task = path.removeprefix(prefix)
+            if task != path and task and "/" not in task:
+                return route, task
+        return None
+
+    def handle(self, call: _Call) -> _Reply | None:
+        """Answer a request; None means "close the connection without answering"."""
+        if call.route == "openfaas-async":
+            return self._accept_async(call)
+        behaviour = self._behaviour(call)
+        if behaviour.unreachable:
+            return None
+        reply = self._run(call, behaviour)
+        if reply is not None:
+            self._record(call, reply)
+        return reply
+
+    # -- the function --------------------------------------------------------------
+
+    def _behaviour(self, call: _Call) -> Behaviour:
+        try:
+            payload = json.loads(call.body)
+        except ValueError:
+            payload = None
+        options = payload if isinstance(payload, dict) else {}
+        return Behaviour.from_options(self._tasks.get(call.task, {}), options)
+
+    def _run(self, call: _Call, behaviour: Behaviour) -> _Reply | None:
+        nth = self._count(call)
+        if behaviour.hang:
+            self._record(call, _Reply(0))
+            self._stopping.wait()
+            return None
+        if behaviour.sleep > 0:
+            self._stopping.wait(behaviour.sleep)
+        echoed = {
+            name: call.headers[name.lower()] for name in _ECHOED if name.lower() in call.headers
+        }
+        headers = {"Content-Type": "application/json", **echoed}
+        if behaviour.redirect:
+            return _Reply(302, {**headers, "Location": behaviour.redirect})
+        error = behaviour.error
+        if error is None and nth <= behaviour.fail_times:
+            error = f"failing call {nth} of {behaviour.fail_times}"
+        if error is not None:
+            return _failure(error, behaviour, headers)
+        if behaviour.status != 200:
+            return _Reply(
+                behaviour.status, headers, _json({"message": f"status {behaviour.status}"})
+            )
+        return _Reply(200, headers, _json({"complete": True, "task": call.task}))
+
+    def _count(self, call: _Call) -> int:
+        key = (call.task, _int_header(call.headers, "x-job-id"))
+        with self._lock:
+            self._seen[key] = self._seen.get(key, 0) + 1
+            return self._seen[key]
+
+    def _record(self, call: _Call, reply: _Reply, callback_status: int | None = None) -> None:
+        self.calls.append(
+            CallRecord(
+                route=call.route,
+                task=call.task,
+                job_id=_int_header(call.headers, "x-job-id"),
+                attempt=_int_header(call.headers, "x-job-attempt"),
+                started=call.started,
+                ended=time.monotonic(),
+                status=reply.status,
+                headers=dict(call.headers),
+                body=call.body,
+                callback_status=callback_status,
+            )
+        )
+
+    # -- OpenFaaS async: gateway + queue-worker ---------------------------------------
+
+    def _accept_async(self, call: _Call) -> _Reply:
+        call_id = call.headers.get("x-call-id") or str(uuid.uuid4())
+        worker = threading.Thread(target=self._queue_worker, args=(call, call_id), daemon=True)
+        with self._lock:
+            self._workers = [t for t in self._workers if t.is_alive()] + [worker]
+        worker.start()
+        return _Reply(202, {"X-Call-Id": call_id})
+
+    def _queue_worker(self, call: _Call, call_id: str) -> None:
+        behaviour = self._behaviour(call)
+        started = time.monotonic()
+        if behaviour.unreachable:
+            reply: _Reply | None = None
+            status = 503
+        else:
+            reply = self._run(call, behaviour)
+            if reply is None:
+                return
+            status = reply.status
+        callback = call.headers.get("x-callback-url")
+        posted = None
+        if callback and not behaviour.drop_callback:
+            headers = dict(reply.headers) if reply is not None else {}
+            headers.update(
+                {
+                    "X-Function-Status": str(status),
+                    "X-Call-Id": call_id,
+                    "X-Function-Name": call.task,
+                    "X-Duration-Seconds": f"{time.monotonic() - started:f}",
+                }
+            )
+            posted = _post(callback, headers, reply.body if reply is not None else b"")
+        if reply is not None:
+            self._record(call, reply, callback_status=posted)
+
+
+def _failure(message: str, behaviour: Behaviour, headers: dict[str, str]) -> _Reply:
+    body = _json({"message": message})
+    if behaviour.legacy:
+        return _Reply(200, {**headers, "X-Job-Error": "true"}, body)
+    return _Reply(behaviour.status if behaviour.status >= 400 else 500, headers, body)
+
+
+def _post(url: str, headers: Mapping[str, str], body: bytes) -> int | None:
+    """POST once, like the queue-worker: a failure is logged, never retried."""
+    parts = urlsplit(url)
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname or "", parts.port, timeout=5)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("POST", target, body=body, headers=dict(headers))
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException) as exc:
+        logger.warning("callback failed", extra={"action": "callback_failed", "error": str(exc)})
+        return None
+    finally:
+        connection.close()
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    try:
+        return int(headers.get(name, ""))
+    except ValueError:
+        return None
+
+
+# -- the HTTP plumbing -------------------------------------------------------------
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    app: FunctionServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+    timeout = 10  # idle keep-alive connections end on their own
+
+    def do_POST(self) -> None:
+        app = cast(_Server, self.server).app
+        found = app.route(urlsplit(self.path).path, self.headers.get("Host", ""))
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit() or int(length) > _MAX_BODY:
+            self._answer(_Reply(411 if not length.isdigit() else 413))
+            return
+        body = self.rfile.read(int(length))
+        if found is None:
+            self._answer(_Reply(404, {}, _json({"message": "no such function"})))
+            return
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        reply = app.handle(_Call(found[0], found[1], headers, body))
+        if reply is None:
+            self.close_connection = True
+        else:
+            self._answer(reply)
+
+    def _answer(self, reply: _Reply) -> None:
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("functions: " + format, *args)

@@ -1,0 +1,195 @@
+"""The task's lease fencing, driven directly (no broker): stale deliveries,
+overlapping duplicates, redelivery after a lost worker, outcomes written under
+the lease only."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import httpx
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from lqjobs.db import Connection, JobsDB
+from lqjobs.embedded import wait_until
+from lqjobs.example_functions import FunctionServer
+from lqjobs.executors import build_router
+from lqjobs.lease import Lease
+from tasks.run_job import JobRunner, Result, StartedMarks
+from tests.stack import make_settings
+
+pytestmark = pytest.mark.integration
+TENANT = UUID("11111111-2222-3333-4444-555555555555")
+WORKER = "bridge-test-host-0000"
+
+
+class MemoryMarks(StartedMarks):
+    """StartedMarks without Redis, for driving the runner directly."""
+
+    def __init__(self) -> None:
+        super().__init__(None, timedelta(minutes=1))
+        self.started: set[str] = set()
+
+    def mark(self, lease: Lease) -> None:
+        self.started.add(lease.task_id())
+
+    def was_started(self, lease: Lease) -> bool:
+        return lease.task_id() in self.started
+
+
+@pytest.fixture
+def functions() -> Iterator[FunctionServer]:
+    with FunctionServer() as server:
+        yield server
+
+
+@pytest.fixture
+def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[JobRunner]:
+    settings = make_settings(
+        db_url, redis_url, executor="knative", knative_ingress_url=functions.url
+    )
+    pool: ConnectionPool[Connection] = ConnectionPool(
+        db_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True
+    )
+    client = httpx.Client(timeout=5)
+    yield JobRunner(settings, pool, build_router(settings, client), MemoryMarks())
+    pool.close()
+    client.close()
+
+
+def lock_job(conn: psycopg.Connection[Any], task: str, payload: Any) -> Lease:
+    jobs_db = JobsDB()
+    jobs_db.add_job(conn, TENANT, task, payload)
+    job = jobs_db.get_job(conn, WORKER, None)
+    assert job is not None
+    return Lease.of(job)
+
+
+def row(conn: psycopg.Connection[Any], job_id: int) -> tuple[Any, ...] | None:
+    return conn.execute(
+        "SELECT attempts, locked_by, last_error FROM app_jobs.jobs WHERE id = %s", [job_id]
+    ).fetchone()
+
+
+def test_a_delivery_for_an_old_lease_is_dropped_untouched(
+    conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    lease = lock_job(conn, "noop", {})
+    before = row(conn, lease.job_id)
+    for stale in (
+        Lease(lease.job_id, "bridge-other-0000", lease.attempts, lease.locked_at),
+        Lease(lease.job_id, lease.worker_id, lease.attempts - 1, lease.locked_at),
+        Lease(
+            lease.job_id,
+            lease.worker_id,
+            lease.attempts,
+            lease.locked_at - timedelta(microseconds=1),
+        ),
+        Lease(lease.job_id + 1000, lease.worker_id, lease.attempts, lease.locked_at),
+    ):
+        assert runner.run(stale, "noop", "call-1", redelivered=False) is Result.STALE
+    assert row(conn, lease.job_id) == before
+    assert len(functions.calls) == 0
+    assert runner.run(lease, "noop", "call-2", redelivered=False) is Result.COMPLETED
+    assert row(conn, lease.job_id) is None
+
+
+def test_two_deliveries_of_one_lease_never_overlap(
+    db_url: str, conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    lease = lock_job(conn, "slow", {"sleep": 1.0})
+    results: list[Result] = []
+    first = threading.Thread(
+        target=lambda: results.append(runner.run(lease, "slow", "call-1", redelivered=False))
+    )
+    first.start()
+    wait_for_call_in_progress(db_url)
+    # The duplicate arrives while the first call is running: busy, not called, not dropped.
+    assert runner.run(lease, "slow", "call-2", redelivered=False) is Result.BUSY
+    first.join(10)
+    assert results == [Result.COMPLETED]
+    assert len(functions.calls.calls_for(lease.job_id)) == 1
+    # Once the first has settled, the duplicate finds no lease: dropped.
+    assert runner.run(lease, "slow", "call-2", redelivered=False) is Result.STALE
+
+
+def wait_for_call_in_progress(db_url: str) -> None:
+    """The runner holds the job's advisory lock exactly while it calls the function."""
+
+    def held() -> bool:
+        with psycopg.connect(db_url, autocommit=True) as probe:
+            found = probe.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            ).fetchone()
+        return bool(found and found[0])
+
+    wait_until(held, 5, "the call to start")
+
+
+def test_a_redelivery_after_a_lost_worker_is_failed_not_rerun(
+    conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    lease = lock_job(conn, "noop", {})
+    runner.marks.mark(lease)  # the lost worker had started the call
+    assert runner.run(lease, "noop", "call-2", redelivered=True) is Result.WORKER_LOST
+    attempts, locked_by, error = row(conn, lease.job_id)  # type: ignore[misc]
+    assert (attempts, locked_by, error) == (1, None, "worker lost during attempt")
+    assert len(functions.calls) == 0
+
+
+def test_a_redelivery_that_never_started_runs_normally(
+    conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    lease = lock_job(conn, "noop", {})  # e.g. restored on a warm shutdown, never started
+    assert runner.run(lease, "noop", "call-1", redelivered=True) is Result.COMPLETED
+    assert len(functions.calls.calls_for(lease.job_id)) == 1
+
+
+def test_an_outcome_for_a_re_leased_job_is_not_written(
+    db_url: str, conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    lease = lock_job(conn, "slow", {"sleep": 0.5})
+    done: list[Result] = []
+    call = threading.Thread(
+        target=lambda: done.append(runner.run(lease, "slow", "call-1", redelivered=False))
+    )
+    call.start()
+    wait_for_call_in_progress(db_url)
+    # Meanwhile the lock expires and another bridge re-takes the job.
+    conn.execute(
+        "UPDATE app_jobs.jobs SET locked_at = now() - interval '1 hour' WHERE id = %s",
+        [lease.job_id],
+    )
+    relocked = JobsDB().get_job(conn, "bridge-other-0000", None, timedelta(minutes=5))
+    assert relocked is not None and relocked.id == lease.job_id
+    call.join(10)
+    assert done == [Result.STALE]
+    attempts, locked_by, _ = row(conn, lease.job_id)  # type: ignore[misc]
+    assert (attempts, locked_by) == (2, "bridge-other-0000")  # the new lease is intact
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected", "attempts_left"),
+    [({"status": 503}, Result.FAILED, True), ({"status": 400}, Result.FAILED_PERMANENTLY, False)],
+)
+def test_failures_are_recorded_under_the_lease(
+    conn: psycopg.Connection[Any],
+    runner: JobRunner,
+    payload: dict[str, int],
+    expected: Result,
+    attempts_left: bool,
+) -> None:
+    lease = lock_job(conn, "broken", payload)
+    assert runner.run(lease, "broken", "call-1", redelivered=False) is expected
+    attempts, max_attempts, locked_by, error = conn.execute(
+        "SELECT attempts, max_attempts, locked_by, last_error FROM app_jobs.jobs WHERE id = %s",
+        [lease.job_id],
+    ).fetchone()  # type: ignore[misc]
+    assert locked_by is None
+    assert str(payload["status"]) in error
+    assert (attempts < max_attempts) is attempts_left
