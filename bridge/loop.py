@@ -5,9 +5,9 @@ are published, and only then does the transaction commit. A crash or a broker
 error before the commit rolls the lock back, so the job is untouched; a message
 whose lock never committed is dropped by the task's lease check.
 
-Wake-ups: ``NOTIFY "jobs:insert"`` for new jobs, ``lqjobs:rescheduled`` after a
-task's ``fail_job``, a timer for the earliest future ``run_at`` or expiring lock
-(no NOTIFY exists for those), and a slow safety poll.
+Wake-ups: ``NOTIFY "jobs:insert"`` for new jobs, ``lqjobs:wake`` after a task's
+``fail_job`` or a settled job of a serial queue, a timer for the earliest future
+``run_at`` or expiring lock (no NOTIFY exists for those), and a slow safety poll.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ class Bridge:
         self.task_filter = settings.task_filter()
         self.job_expiry = timedelta(seconds=settings.job_expiry)
         self.counters: Counter[str] = Counter()
+        self.failures = 0  # consecutive failed passes (database or broker); 0 when healthy
         self._stopping = threading.Event()
         self._saturated = False
         self._conn: Connection | None = None
@@ -132,19 +133,16 @@ class Bridge:
 
     def run_forever(self) -> None:
         log.info("bridge started", extra={"action": "bridge_started", "worker_id": self.worker_id})
-        failures = 0
         while not self._stopping.is_set():
             try:
                 self._listen()
                 self.run_once()
-                failures = 0
+                self.failures = 0
                 self._wait(self._next_wake())
             except DatabaseError as exc:
-                failures += 1
-                self._on_failure("database unavailable", exc, failures)
+                self._on_failure("database unavailable", exc)
             except Exception as exc:  # the broker: kombu/redis errors have no common root
-                failures += 1
-                self._on_failure("publish failed", exc, failures)
+                self._on_failure("publish failed", exc)
         self._close()
         log.info(
             "bridge stopped",
@@ -156,9 +154,11 @@ class Bridge:
         a signal handler, any number of times."""
         self._stopping.set()
 
-    def _on_failure(self, what: str, exc: Exception, failures: int) -> None:
+    def _on_failure(self, what: str, exc: Exception) -> None:
         # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
-        delay = min(5.0, 0.1 * 2 ** min(failures, 6)) * random.uniform(0.5, 1.0)
+        self.failures += 1
+        self.counters["failures"] += 1
+        delay = min(5.0, 0.1 * 2 ** min(self.failures, 6)) * random.uniform(0.5, 1.0)
         log.warning(
             f"{what}; retrying",
             extra={
@@ -215,7 +215,7 @@ class Bridge:
         if self._listener is None or self._listener.closed:
             listener = db.connect(self.settings.conninfo(), autocommit=True)
             with db.translated_errors():
-                for channel in (db.INSERT_CHANNEL, db.RESCHEDULED_CHANNEL):
+                for channel in (db.INSERT_CHANNEL, db.WAKE_CHANNEL):
                     listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self._listener = listener
         return self._listener

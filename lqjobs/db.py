@@ -41,7 +41,10 @@ ADVISORY_NAMESPACE = 0x6C716A  # first key of pg_try_advisory_lock(ns, job_id)
 # Job ids are bigint; the two-key advisory lock takes ints. Ids 2^31-1 apart share
 # a key: a harmless, rare extra wait, never a missed exclusion.
 ADVISORY_KEY = "({} %% 2147483647)::int"
-RESCHEDULED_CHANNEL = "lqjobs:rescheduled"
+# lqjobs' own channel: "a job may be runnable now" after a fail_job (back-off) or
+# after settling a job of a serial queue (its next job). NOTIFY is only sent on
+# insert by the SQL, and nothing else would wake a bridge before its safety poll.
+WAKE_CHANNEL = "lqjobs:wake"
 INSERT_CHANNEL = "jobs:insert"
 RowT = TypeVar("RowT", bound=BaseModel)
 
@@ -316,7 +319,7 @@ class JobsDB:
         # Filtering on the whole lease with FOR UPDATE: a concurrent re-lease makes
         # Postgres re-check the row after the wait, and the write is skipped.
         return sql.SQL(
-            "WITH lease AS (SELECT id FROM {schema}.jobs WHERE id = %(id)s "
+            "WITH lease AS (SELECT id, queue_name FROM {schema}.jobs WHERE id = %(id)s "
             "AND locked_by = %(worker)s AND attempts = %(attempts)s "
             "AND locked_at = %(locked_at)s FOR UPDATE)"
         ).format(schema=self._schema)
@@ -362,19 +365,23 @@ class JobsDB:
         self._void(conn, query, [job_id])
 
     def fenced_complete(self, conn: Connection, lease: Lease) -> bool:
-        """complete_job, only while the row is held under ``lease``."""
+        """complete_job, only while the row is held under ``lease``. Settling a job
+        of a serial queue wakes the bridges: the queue's next job is ready now."""
         query = self._lease_cte() + sql.SQL(
-            " SELECT count(*) FROM lease, LATERAL {schema}.complete_job(%(worker)s, lease.id) c"
-        ).format(schema=self._schema)
+            ", done AS (SELECT lease.queue_name FROM lease, "
+            "LATERAL {schema}.complete_job(%(worker)s, lease.id) c) "
+            "SELECT count(*) FROM done "
+            "WHERE queue_name IS NULL OR pg_notify({channel}, '') IS NOT NULL"
+        ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
         return self._count(conn, query, self._lease_params(lease)) > 0
 
     def fenced_fail(self, conn: Connection, lease: Lease, error_message: str) -> bool:
         """fail_job, only while the row is held under ``lease``; the SQL backs it off.
-        Wakes bridges (``lqjobs:rescheduled``) so the retry runs on time."""
+        Wakes the bridges so that the retry (and a serial queue's next job) runs on time."""
         query = self._lease_cte() + sql.SQL(
             " SELECT count(*) FROM lease, LATERAL {schema}.fail_job(%(worker)s, lease.id, "
             "%(message)s) f WHERE pg_notify({channel}, '') IS NOT NULL"
-        ).format(schema=self._schema, channel=sql.Literal(RESCHEDULED_CHANNEL))
+        ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
         params = self._lease_params(lease) | {"message": error_message or "unknown error"}
         return self._count(conn, query, params) > 0
 

@@ -541,6 +541,9 @@ class HandlerRegistry:
             raise ConfigurationError(f"task {_label(task)} already has a handler")
         self._handlers[task] = fn
 
+    def unregister(self, task: str) -> None:
+        self._handlers.pop(task, None)
+
     def get(self, task: str) -> Handler | None:
         return self._handlers.get(task)
 

@@ -1,0 +1,3 @@
+from lqjobs.cli import main
+
+main()

@@ -1,0 +1,205 @@
+"""The bridge's guarantees with a real broker and worker: serial queues, several
+bridges and workers, the in-flight cap, broker outages, bad payloads and names."""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pytest
+
+from bridge import Bridge, CeleryPublisher
+from lqjobs.db import JobsDB
+from lqjobs.embedded import free_port, wait_until
+from lqjobs.example_functions import FunctionServer
+from lqjobs.executors import handlers
+from tasks.app import create_app
+from tests.stack import bridge, count, flush_broker, make_settings, stack, wait_for_empty_queue
+
+pytestmark = pytest.mark.integration
+TENANT = UUID("11111111-2222-3333-4444-555555555555")
+
+
+@pytest.fixture
+def functions() -> Iterator[FunctionServer]:
+    with FunctionServer() as server:
+        yield server
+
+
+def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any) -> list[int]:
+    jobs_db = JobsDB()
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        return [
+            jobs_db.add_job(
+                conn, TENANT, task, {"i": i} if payload is None else payload, **kwargs
+            ).id
+            for i in range(n)
+        ]
+
+
+def knative(db_url: str, redis_url: str, functions: FunctionServer, **extra: Any) -> Any:
+    return make_settings(
+        db_url, redis_url, executor="knative", knative_ingress_url=functions.url, **extra
+    )
+
+
+def test_a_serial_queue_runs_one_job_at_a_time(
+    db_url: str, redis_url: str, functions: FunctionServer
+) -> None:
+    job_ids = add_jobs(db_url, "serial", 15, {"sleep": 0.05}, queue_name="one-at-a-time")
+    add_jobs(db_url, "parallel", 30, {"sleep": 0.05})
+    # A long safety poll: the queue's next job must not wait for it.
+    with stack(knative(db_url, redis_url, functions, poll_interval=30.0), concurrency=8):
+        wait_for_empty_queue(db_url, timeout=20)
+    serial = sorted(
+        (c for c in functions.calls.all() if c.task == "serial"), key=lambda c: c.started
+    )
+    assert [c.job_id for c in serial] == job_ids  # one queue: in order, too
+    for earlier, later in itertools.pairwise(serial):
+        assert later.started >= earlier.ended, "two jobs of one serial queue overlapped"
+    parallel = [c for c in functions.calls.all() if c.task == "parallel"]
+    assert _max_overlap(parallel) > 1  # the control: unqueued jobs do run side by side
+
+
+def _max_overlap(calls: list[Any]) -> int:
+    events = sorted([(c.started, 1) for c in calls] + [(c.ended, -1) for c in calls])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def test_in_flight_is_capped_when_nobody_consumes(db_url: str, redis_url: str) -> None:
+    add_jobs(db_url, "noop", 120)
+    settings = make_settings(db_url, redis_url, max_in_flight=25)
+    flush_broker(redis_url)
+    with bridge(settings, create_app(settings), batch_size=10) as running:
+        wait_until(lambda: count(db_url, "locked_by IS NOT NULL") >= 25, 10, "25 jobs locked")
+        wait_until(lambda: running.counters["dispatched"] >= 25, 10, "25 jobs published")
+        assert count(db_url, "locked_by IS NOT NULL") == 25  # and no more, however long
+        assert running.counters["dispatched"] == 25
+    assert count(db_url, "locked_by IS NULL AND attempts = 0") == 95
+
+
+def test_broker_down_rolls_back_and_burns_no_attempt(db_url: str) -> None:
+    add_jobs(db_url, "noop", 20)
+    dead_broker = f"redis://127.0.0.1:{free_port()}/0"
+    settings = make_settings(db_url, dead_broker)
+    running = Bridge(settings, CeleryPublisher(create_app(settings), 10.0))
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    try:
+        wait_until(
+            lambda: running.counters["dispatched"] == 0 and _tried(running), 10, "a failed publish"
+        )
+        assert count(db_url, "locked_by IS NOT NULL") == 0
+        assert count(db_url, "attempts > 0") == 0
+    finally:
+        running.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def _tried(running: Bridge) -> bool:
+    return running.failures > 0
+
+
+def test_an_oversized_payload_is_failed_without_publishing(
+    db_url: str, redis_url: str, functions: FunctionServer
+) -> None:
+    [big] = add_jobs(db_url, "noop", 1, {"blob": "x" * 5000})
+    [small] = add_jobs(db_url, "noop", 1)
+    with stack(knative(db_url, redis_url, functions, max_payload_bytes=4096)) as running:
+        functions.calls.wait_for_calls(1, timeout=20, job_id=small)
+        wait_until(lambda: count(db_url) == 1, 20, "the small job to complete")
+    assert running.counters["oversized"] == 1
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        attempts, max_attempts, locked_by, error = conn.execute(
+            "SELECT attempts, max_attempts, locked_by, last_error FROM app_jobs.jobs WHERE id = %s",
+            [big],
+        ).fetchone()  # type: ignore[misc]
+    assert (attempts, locked_by) == (max_attempts, None)
+    assert error == "payload too large: 5012 bytes (limit 4096)"
+    assert functions.calls.calls_for(big) == []
+
+
+@pytest.fixture
+def canary() -> Iterator[socket.socket]:
+    """A would-be attacker on another loopback address: nothing may connect to it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.2", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    yield listener
+    listener.close()
+
+
+def hostile_names(canary: socket.socket) -> list[str]:
+    target = f"127.0.0.2:{canary.getsockname()[1]}"
+    return [
+        f"{target}/x#",
+        f"{target}?",
+        f"user@{target}#",
+        f"x\r\nHost: {target}",
+        "evil.com/x",
+        "169.254.169.254#",
+        "a b",
+        "UPPER",
+        "../admin",
+        "a" * 100,
+    ]
+
+
+@pytest.mark.parametrize("mode", ["support-any", "supported-list"])
+def test_hostile_task_names_reach_nothing(
+    db_url: str, redis_url: str, functions: FunctionServer, canary: socket.socket, mode: str
+) -> None:
+    names = hostile_names(canary)
+    hostile_ids = [add_jobs(db_url, name, 1)[0] for name in names]
+    [good] = add_jobs(db_url, "fine", 1)
+    routing = (
+        {"jobs_support_any": True}
+        if mode == "support-any"
+        else {"jobs_support_any": False, "jobs_supported": ("fine",)}
+    )
+    with stack(knative(db_url, redis_url, functions, **routing)):
+        functions.calls.wait_for_calls(1, timeout=20, job_id=good)
+        if mode == "support-any":  # catch-all: named, failed permanently, routed nowhere
+            wait_until(
+                lambda: count(db_url, "attempts >= max_attempts") == len(names),
+                30,
+                "every hostile job to be failed permanently",
+            )
+    with pytest.raises(TimeoutError):
+        canary.accept()
+    assert {call.task for call in functions.calls.all()} == {"fine"}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT attempts, last_error FROM app_jobs.jobs WHERE id = ANY(%s)", [hostile_ids]
+        ).fetchall()
+    if mode == "supported-list":  # never picked: untouched
+        assert rows and all(attempts == 0 for attempts, _ in rows)
+    else:
+        assert all(err and "\n" not in err and "\r" not in err for _, err in rows)
+
+
+def test_native_handlers_run_in_the_celery_worker(db_url: str, redis_url: str) -> None:
+    seen: list[Any] = []
+
+    @handlers.handler("native-sum")
+    def native_sum(payload: Any, job: Any) -> None:
+        seen.append((payload["a"] + payload["b"], job.job_id))
+
+    try:
+        [job_id] = add_jobs(db_url, "native-sum", 1, {"a": 2, "b": 3})
+        with stack(make_settings(db_url, redis_url, executor="native")):
+            wait_for_empty_queue(db_url, timeout=20)
+        assert seen == [(5, job_id)]
+    finally:
+        handlers.unregister("native-sum")
