@@ -50,11 +50,15 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGTERM it when our process dies,
-    # so a crashed test session or dev stack never leaves servers behind.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _die_with_parent(signum: int) -> Callable[[], None]:
+    """For preexec_fn: the child gets ``signum`` when our process dies, so a crashed
+    test session or dev stack never leaves servers behind."""
+
+    def arm() -> None:  # runs in the child, between fork and exec
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signum)
+
+    return arm
 
 
 def _is_root() -> bool:
@@ -117,7 +121,8 @@ class EmbeddedPostgres:
             stdin=subprocess.DEVNULL,
             user=self._user.pw_uid if self._user else None,
             group=self._user.pw_gid if self._user else None,
-            preexec_fn=_die_with_parent,
+            # SIGINT is Postgres' fast shutdown; SIGTERM (smart) would wait for clients.
+            preexec_fn=_die_with_parent(signal.SIGINT),
         )
         log.close()
         wait_until(self._ready, timeout, f"postgres on port {self.port}")
@@ -264,7 +269,7 @@ class EmbeddedRedis:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent(signal.SIGTERM),
         )
         log.close()
         wait_until(self._ready, timeout, f"redis on port {self.port}")

@@ -1,0 +1,118 @@
+"""The lqjobs command against a real database: migrate, add-job, status, check."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from lqjobs.cli import EXIT_CONFIG, main
+
+pytestmark = pytest.mark.integration
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Any:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result
+
+
+def test_migrate_installs_then_is_a_no_op(empty_db_url: str) -> None:
+    first = run("--database-url", empty_db_url, "migrate")
+    assert first.exit_code == 0, first.output
+    assert "schema app_jobs: installed" in first.output
+    before = function_versions(empty_db_url)
+    second = run("--database-url", empty_db_url, "migrate")
+    assert second.exit_code == 0
+    assert "schema app_jobs: up to date" in second.output
+    assert function_versions(empty_db_url) == before  # CREATE OR REPLACE would rewrite them
+
+
+def function_versions(url: str) -> list[tuple[str, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT proname, xmin::text FROM pg_proc WHERE pronamespace = 'app_jobs'::regnamespace "
+            "ORDER BY proname"
+        ).fetchall()
+    assert len(rows) > 10
+    return rows
+
+
+def test_migrate_leaves_a_foreign_schema_alone(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app_jobs")
+    result = run("--database-url", empty_db_url, "migrate")
+    assert result.exit_code == 0
+    assert "left alone" in result.output
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT to_regclass('app_jobs.jobs')").fetchone() == (None,)
+
+
+def test_add_job_then_status_shows_it(db_url: str) -> None:
+    added = run(
+        "--database-url",
+        db_url,
+        "add-job",
+        "send-email",
+        "--payload",
+        '{"to": "a@example.com"}',
+        "--priority",
+        "2",
+        "--queue",
+        "mail",
+    )
+    assert added.exit_code == 0, added.output
+    assert "task=send-email" in added.output
+    run("--database-url", db_url, "add-job", "send-email", "--run-at", "2999-01-01T00:00:00+00:00")
+    status = run("--database-url", db_url, "status")
+    assert status.exit_code == 0
+    header, line = status.output.splitlines()[:2]
+    assert header.split() == ["task", "ready", "delayed", "locked", "failed", "oldest", "ready"]
+    assert line.split()[:5] == ["send-email", "1", "1", "0", "0"]
+    as_json = json.loads(run("--database-url", db_url, "status", "--json").output)
+    assert as_json[0]["ready"] == 1 and as_json[0]["delayed"] == 1
+
+
+def test_add_job_rejects_bad_json_clearly(db_url: str) -> None:
+    result = CliRunner().invoke(
+        main, ["--database-url", db_url, "add-job", "t", "--payload", "{nope"]
+    )
+    assert result.exit_code == 2
+    assert "Invalid value" in result.output
+
+
+def test_check_exit_codes(db_url: str, empty_db_url: str) -> None:
+    assert run("--database-url", db_url, "check").exit_code == 0
+    missing = run("--database-url", empty_db_url, "check")
+    assert missing.exit_code == 1
+    assert "not installed" in missing.output
+    down = run("--database-url", "postgresql://u:pw-CANARY-1@127.0.0.1:1/x", "check")
+    assert down.exit_code == 1
+    assert "pw-CANARY-1" not in down.output
+
+
+def test_a_bad_environment_is_one_line_and_exit_3() -> None:
+    result = run("status", env={"PGPORT": "nope", "PGPASSWORD": "pw-CANARY-1"})
+    assert result.exit_code == EXIT_CONFIG
+    assert result.output.strip() == (
+        "lqjobs: invalid PGPORT: Input should be a valid integer, unable to parse string as "
+        "an integer"
+    )
+
+
+def test_help_names_the_environment_variables() -> None:
+    top = run("--help").output
+    assert "DATABASE_URL" in top and "JOBS_SCHEMA" in top
+    bridge = run("bridge", "--help").output
+    assert "JOBS_SUPPORTED" in bridge and "LQJOBS_BROKER_URL" in bridge
+
+
+def test_the_console_script_runs() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lqjobs", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and "0.1.0" in done.stdout
