@@ -1,0 +1,220 @@
+"""``python -m bench``: throughput and latency of lqjobs against the raw SQL limit.
+
+Starts its own Postgres (fsync on) and Redis from the embedded wheels, a
+function server, a Celery worker and a bridge, each in its own process, and
+prints one table. Every figure is the median of ``--runs`` runs (min-max beside
+it), and the SQL limit is measured in the same run, so ratios compare like
+with like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from lqjobs import migrate
+from lqjobs.db import JobsDB
+from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+
+TENANT = "00000000-0000-0000-0000-00000000bead"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def add_jobs(url: str, n: int, payload: dict[str, Any] | None = None) -> None:
+    jobs_db = JobsDB()
+    with psycopg.connect(url, autocommit=True) as conn, conn.transaction():
+        for i in range(n):
+            jobs_db.add_job(conn, TENANT, "noop", payload or {"i": i})
+
+
+def remaining(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM app_jobs.jobs").fetchone()
+    return int(row[0]) if row else 0
+
+
+def sql_drain(url: str, n: int, connections: int) -> float:
+    """The raw SQL limit: get_job + complete_job in a loop, no Celery, no HTTP."""
+    add_jobs(url, n)
+    jobs_db = JobsDB()
+
+    def drain(index: int) -> None:
+        worker = f"bench-sql-{index:04d}"
+        with psycopg.connect(url, autocommit=True) as conn:
+            while (job := jobs_db.get_job(conn, worker, ["noop"])) is not None:
+                jobs_db.complete_job(conn, worker, job.id)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return n / (time.monotonic() - started)
+
+
+class Stack:
+    """Function server, Celery worker and bridge, each a real process."""
+
+    def __init__(self, db_url: str, redis_url: str, folder: Path, concurrency: int) -> None:
+        self.calls_path = folder / "calls.jsonl"
+        self.port = free_port()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("LQJOBS_", "JOBS_"))}
+        self.env |= {
+            "DATABASE_URL": db_url,
+            "LQJOBS_BROKER_URL": redis_url,
+            "JOBS_SUPPORTED": "noop",
+            "LQJOBS_EXECUTOR": "knative",
+            "LQJOBS_KNATIVE_INGRESS_URL": f"http://127.0.0.1:{self.port}",
+            "LQJOBS_LOG_LEVEL": "WARNING",
+            "LQJOBS_DB_POOL_SIZE": str(concurrency + 2),
+        }
+        self.concurrency = concurrency
+        self.folder = folder
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        server = (
+            f"import time; from pathlib import Path; from lqjobs.example_functions import "
+            f"FunctionServer; FunctionServer(port={self.port}, "
+            f"log_path=Path({str(self.calls_path)!r})).start(); time.sleep(10**6)"
+        )
+        self._spawn("functions", [sys.executable, "-c", server])
+        self._spawn(
+            "worker",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "tasks",
+                "worker",
+                "--pool",
+                "threads",
+                "--concurrency",
+                str(self.concurrency),
+                "--loglevel",
+                "WARNING",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+        )
+        self._spawn("bridge", [sys.executable, "-m", "lqjobs", "bridge"])
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = (self.folder / f"{name}.log").open("ab")
+        self.procs.append(
+            subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(30)
+
+    def calls(self) -> list[dict[str, Any]]:
+        if not self.calls_path.exists():
+            return []
+        lines = self.calls_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line]
+
+
+def end_to_end(stack: Stack, url: str, n: int, payload: dict[str, Any] | None) -> float:
+    before = len(stack.calls())
+    started = time.monotonic()
+    add_jobs(url, n, payload)
+    wait_until(lambda: remaining(url) == 0, 600, f"{n} jobs to complete")
+    elapsed = time.monotonic() - started
+    assert len(stack.calls()) - before >= n, "fewer function calls than jobs"
+    return n / elapsed
+
+
+def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
+    """add_job commit -> function called, one job every ``gap`` seconds (ms p50, p99)."""
+    jobs_db = JobsDB()
+    committed: dict[int, float] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(n):
+            job = jobs_db.add_job(conn, TENANT, "noop", {})
+            committed[job.id] = time.monotonic()  # autocommit: returned = committed
+            time.sleep(gap)
+    wait_until(lambda: remaining(url) == 0, 120, "latency jobs to complete")
+    delays = sorted(
+        (call["started"] - committed[call["job_id"]]) * 1000
+        for call in stack.calls()
+        if call["job_id"] in committed
+    )
+    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+
+
+def measure(runs: int, fn: Callable[[], float]) -> list[float]:
+    return [fn() for _ in range(runs)]
+
+
+def row(name: str, values: list[float], unit: str, limit: float | None) -> str:
+    med = statistics.median(values)
+    ratio = f"{med / limit:5.2f}x" if limit else "     "
+    return f"{name:<44} {med:9.1f} {unit:<7} ({min(values):.1f}-{max(values):.1f})  {ratio}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="lqjobs-bench-"))
+    folder.chmod(0o755)
+    pg = EmbeddedPostgres(folder / "pg", durable=True)
+    redis = EmbeddedRedis(folder / "redis")
+    pg.start()
+    redis.start()
+    try:
+        migrate.migrate(pg.url)
+        print(
+            f"lqjobs bench: {args.jobs} jobs, {args.runs} runs, worker threads "
+            f"{args.concurrency}, Postgres fsync on, logs in {folder}",
+            flush=True,
+        )
+        sql1 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 1))
+        sql8 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8))
+        stack = Stack(pg.url, redis.url, folder, args.concurrency)
+        stack.start()
+        try:
+            end_to_end(stack, pg.url, 200, None)  # warm-up: imports, pools, connections
+            e2e = measure(args.runs, lambda: end_to_end(stack, pg.url, args.jobs, None))
+            slow = measure(
+                args.runs, lambda: end_to_end(stack, pg.url, args.jobs // 2, {"sleep": 0.05})
+            )
+            lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
+        finally:
+            stack.stop()
+        limit = statistics.median(sql8)
+        print(f"{'figure':<44} {'median':>9} {'unit':<7} (min-max)       vs SQL x8")
+        print(row("SQL limit: get_job+complete_job, 1 conn", sql1, "jobs/s", limit))
+        print(row("SQL limit: get_job+complete_job, 8 conns", sql8, "jobs/s", limit))
+        print(row("end to end, no-op function (Knative)", e2e, "jobs/s", limit))
+        print(row("end to end, 50 ms function (Knative)", slow, "jobs/s", limit))
+        print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
+        print(row("latency add_job -> function called, p99", [p99 for _, p99 in lat], "ms", None))
+    finally:
+        pg.stop()
+        redis.stop()
+
+
+if __name__ == "__main__":
+    main()
