@@ -10,6 +10,7 @@ owns the transaction (the bridge locks, publishes, then commits).
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -74,9 +75,18 @@ def translated_errors() -> Iterator[None]:
             raise InvalidWorkerId() from None
         if state in _MISSING_SCHEMA_STATES:
             raise SchemaMissing(f"{SchemaMissing.__doc__} ({message})", state) from None
-        if isinstance(exc, psycopg.OperationalError) and state is None:
+        if _unavailable(exc):
             raise DatabaseUnavailable(f"database unavailable: {message}") from None
         raise DatabaseError(message, state) from None
+
+
+def _unavailable(exc: psycopg.Error) -> bool:
+    """Connection lost or refused, or the server shutting down / terminating us
+    (class 08, 57P01-57P03): worth waiting for, unlike a failing statement."""
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
 def connect(conninfo: str, *, autocommit: bool = False) -> Connection:
@@ -96,6 +106,15 @@ def _json(value: Any) -> str:
 
 class RawJson(str):
     """JSON text to store as is (not re-encoded)."""
+
+
+class LeaseState(enum.Enum):
+    """Where a job stands for one lease, as an asynchronous callback finds it."""
+
+    HELD = "held"  # still locked under the lease: its outcome may be written
+    SETTLED = "settled"  # gone, or unlocked at the lease's attempt: recorded already
+    STALE = "stale"  # re-leased or released since: a newer attempt owns the job
+    EXPIRED = "expired"  # the lease's callback token ran out (database clock)
 
 
 class JobsDB:
@@ -392,6 +411,30 @@ class JobsDB:
                 return False
             self.permanently_fail_jobs(conn, [lease.job_id], error_message or "unknown error")
             return True
+
+    def lock_lease_state(self, conn: Connection, lease: Lease, expires_at: datetime) -> LeaseState:
+        """Where the job stands for ``lease`` (see :class:`LeaseState`), its row locked
+        FOR UPDATE until the caller's transaction ends: a concurrent duplicate waits,
+        then sees the outcome. ``expires_at`` is compared with the database's now()."""
+        query = sql.SQL(
+            "WITH job AS (SELECT locked_by, attempts, locked_at FROM {schema}.jobs "
+            "WHERE id = %(id)s FOR UPDATE) "
+            "SELECT %(expires)s::timestamptz > now(), job.locked_by, job.attempts, job.locked_at "
+            "FROM (SELECT) AS one LEFT JOIN job ON true"
+        ).format(schema=self._schema)
+        with translated_errors():
+            row = conn.execute(query, {"id": lease.job_id, "expires": expires_at}).fetchone()
+        if row is None:  # the LEFT JOIN always yields one row
+            raise DatabaseError("lease state query returned no row")
+        fresh, locked_by, attempts, locked_at = row
+        if not fresh:
+            return LeaseState.EXPIRED
+        if attempts is None:  # no such row: completed (or removed) already
+            return LeaseState.SETTLED
+        if locked_by is None:  # unlocked at this very attempt: failed by this lease already
+            return LeaseState.SETTLED if attempts == lease.attempts else LeaseState.STALE
+        held = lease == Lease(lease.job_id, locked_by, attempts, locked_at)
+        return LeaseState.HELD if held else LeaseState.STALE
 
     def _count(self, conn: Connection, query: sql.Composed, params: dict[str, Any]) -> int:
         with translated_errors():

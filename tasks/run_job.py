@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lqjobs import tokens
 from lqjobs.db import Connection, JobsDB
+from lqjobs.deadlines import DeferredDeadlines
 from lqjobs.errors import DatabaseError, DatabaseUnavailable
 from lqjobs.executors import (
     Deferred,
@@ -60,6 +61,7 @@ class Result(enum.Enum):
     DEFERRED = "deferred"
     STALE = "stale"  # the lease is gone: dropped, untouched
     BUSY = "busy"  # another delivery of this lease holds the job: try later
+    UNAVAILABLE = "unavailable"  # the database is away before the call: try later
     WORKER_LOST = "worker_lost"  # redelivered after its call had started: failed, not re-run
     UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
 
@@ -93,12 +95,14 @@ class JobRunner:
         pool: ConnectionPool[Connection],
         router: ExecutorRouter,
         marks: StartedMarks,
+        deadlines: DeferredDeadlines | None = None,
     ) -> None:
         self.settings = settings
         self.jobs_db = JobsDB(settings.jobs_schema)
         self.pool = pool
         self.router = router
         self.marks = marks
+        self.deadlines = deadlines
         self.job_expiry = timedelta(seconds=settings.job_expiry)
         self.http_client: httpx.Client | None = None  # owned here when build_runner made it
         self.callback_keys = (
@@ -108,17 +112,31 @@ class JobRunner:
         )
 
     def run(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
-        with self.pool.connection() as conn:
-            job, locked = self.jobs_db.preflight(conn, lease)
-            if job is None:
-                log.info("stale delivery dropped", extra=_fields(lease, task, "stale_dropped"))
-                return Result.STALE
-            if not locked:
-                return Result.BUSY
-            try:
-                return self._run_locked(conn, job, lease, call_id, redelivered)
-            finally:
-                self._unlock(conn, lease)
+        try:
+            with self.pool.connection() as conn:
+                return self._run(conn, lease, task, call_id, redelivered)
+        except (DatabaseUnavailable, PoolTimeout):
+            # Only reachable before the call (afterwards _record waits it out): nothing
+            # ran, so the delivery comes back later instead of being acked and lost.
+            log.warning(
+                "database unavailable before the call; retrying the delivery",
+                extra=_fields(lease, task, "db_unavailable"),
+            )
+            return Result.UNAVAILABLE
+
+    def _run(
+        self, conn: Connection, lease: Lease, task: str, call_id: str, redelivered: bool
+    ) -> Result:
+        job, locked = self.jobs_db.preflight(conn, lease)
+        if job is None:
+            log.info("stale delivery dropped", extra=_fields(lease, task, "stale_dropped"))
+            return Result.STALE
+        if not locked:
+            return Result.BUSY
+        try:
+            return self._run_locked(conn, job, lease, call_id, redelivered)
+        finally:
+            self._unlock(conn, lease)
 
     def _run_locked(
         self, conn: Connection, job: JobRow, lease: Lease, call_id: str, redelivered: bool
@@ -189,6 +207,8 @@ class JobRunner:
             settled = self.jobs_db.fenced_complete(conn, lease)
             result = Result.COMPLETED
         elif isinstance(outcome, Deferred):
+            if self.deadlines is not None:  # the callback service fails it if no callback comes
+                self.deadlines.record(lease, self.settings.callback_deadline_seconds())
             return Result.DEFERRED
         elif outcome.permanent:
             settled = self.jobs_db.fenced_fail_permanently(conn, lease, outcome.message)
@@ -241,7 +261,8 @@ def build_runner(settings: Settings) -> JobRunner:
         redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
     )
     marks = StartedMarks(marks_client, timedelta(seconds=settings.job_expiry))
-    runner = JobRunner(settings, pool, build_router(settings, client), marks)
+    deadlines = DeferredDeadlines(marks_client) if marks_client is not None else None
+    runner = JobRunner(settings, pool, build_router(settings, client), marks, deadlines)
     runner.http_client = client
     return runner
 
@@ -283,7 +304,7 @@ def register_run_job(app: Celery, settings: Settings) -> Any:
         lease = Lease(job_id, worker_id, attempts, datetime.fromisoformat(locked_at))
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
-        if result is Result.BUSY:  # another delivery holds the job: come back, don't drop
+        if result in (Result.BUSY, Result.UNAVAILABLE):  # come back later, never drop
             raise self.retry(countdown=BUSY_RETRY_SECONDS)
         return str(result.value)
 

@@ -197,9 +197,31 @@ def test_native_handlers_run_in_the_celery_worker(db_url: str, redis_url: str) -
         seen.append((payload["a"] + payload["b"], job.job_id))
 
     try:
-        [job_id] = add_jobs(db_url, "native-sum", 1, {"a": 2, "b": 3})
+        job_ids = add_jobs(db_url, "native-sum", 1000, {"a": 2, "b": 3})
         with stack(make_settings(db_url, redis_url, executor="native")):
-            wait_for_empty_queue(db_url, timeout=20)
-        assert seen == [(5, job_id)]
+            wait_for_empty_queue(db_url, timeout=60)
+        assert sorted(seen) == [(5, job_id) for job_id in job_ids]  # each exactly once
     finally:
         handlers.unregister("native-sum")
+
+
+def test_the_bridge_reconnects_when_its_sessions_are_terminated(
+    db_url: str, redis_url: str, functions: FunctionServer
+) -> None:
+    settings = knative(db_url, redis_url, functions, poll_interval=60.0)
+    with stack(settings) as running:
+        [first] = add_jobs(db_url, "noop", 1)
+        functions.calls.wait_for_calls(1, timeout=10, job_id=first)
+        with psycopg.connect(db_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        # The bridge's listener and work connection, and the worker's pooled sessions.
+        assert killed is not None and killed[0] >= 3
+        wait_until(lambda: running.counters["failures"] >= 1, 10, "the bridge to notice")
+        [second] = add_jobs(db_url, "noop", 1)
+        # Picked up after the reconnect (LISTEN first, then a poll), long before the 60 s
+        # poll; the worker's dead pooled session makes it redeliver, not drop, the message.
+        functions.calls.wait_for_calls(1, timeout=10, job_id=second)
+    assert count(db_url) == 0

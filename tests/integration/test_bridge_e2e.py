@@ -61,7 +61,7 @@ def test_1000_jobs_through_knative_each_called_once(
 def test_jobs_through_openfaas_sync_and_devmap(
     db_url: str, redis_url: str, functions: FunctionServer, executor: str
 ) -> None:
-    job_ids = add_jobs(db_url, "hello", 200)
+    job_ids = add_jobs(db_url, "hello", 1000)
     settings = make_settings(
         db_url,
         redis_url,

@@ -193,3 +193,35 @@ def test_failures_are_recorded_under_the_lease(
     assert locked_by is None
     assert str(payload["status"]) in error
     assert (attempts < max_attempts) is attempts_left
+
+
+class KillsItsSession:
+    """An executor whose call succeeds while the runner's database session is
+    terminated under it (a Postgres restart, a failover)."""
+
+    name = "kills-its-session"
+
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+        self.calls = 0
+
+    def invoke(self, invocation: Any) -> Any:
+        from lqjobs.executors import Done
+
+        self.calls += 1
+        with psycopg.connect(self.db_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+            )
+        return Done()
+
+
+def test_a_lost_database_after_a_successful_call_retries_only_the_bookkeeping(
+    db_url: str, conn: psycopg.Connection[Any], runner: JobRunner
+) -> None:
+    lease = lock_job(conn, "noop", {})
+    executor = KillsItsSession(db_url)
+    runner.router.for_task = lambda _task: executor  # type: ignore[method-assign]
+    assert runner.run(lease, "noop", "call-1", redelivered=False) is Result.COMPLETED
+    assert executor.calls == 1  # the function was not called again
+    assert row(conn, lease.job_id) is None  # and the job is settled
