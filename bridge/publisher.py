@@ -6,8 +6,9 @@ never sits in Redis or shows in Flower.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from celery import Celery
 
@@ -27,7 +28,7 @@ class CeleryPublisher:
         self.expires_seconds = expires_seconds  # a late delivery must not start a call
 
     def publish(self, jobs: Sequence[JobRow]) -> None:
-        with self.app.producer_or_acquire() as producer:
+        with self.app.producer_or_acquire() as producer, _pipelined(producer, len(jobs)):
             for job in jobs:
                 lease = Lease.of(job)
                 self.app.send_task(
@@ -39,3 +40,11 @@ class CeleryPublisher:
                     producer=producer,
                     retry=False,  # fail fast: the transaction rolls back, the job stays put
                 )
+
+
+def _pipelined(producer: Any, size: int) -> contextlib.AbstractContextManager[Any]:
+    """kombu >= 5.7 sends a batch of publishes to Redis as one pipeline (one round
+    trip) when the block exits cleanly, and discards it on an exception; older
+    kombu publishes one by one."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=2 * size) if batch is not None else contextlib.nullcontext()
