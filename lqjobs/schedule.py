@@ -29,13 +29,20 @@ Choices where node-schedule leaves room (verified against node-schedule 2.1.1
   whose hour field is ``*`` fire at every real instant whose local time matches
   (a skipped local time never fires, a repeated one fires twice).
 * What node-schedule would refuse, throw on or loop forever on raises
-  ``InvalidSchedule``; so do out-of-range values inside lists, non-integers,
-  unknown keys, an unparsable ``end`` and cron strings of fewer than 5 fields,
-  which node silently drops, ignores or right-aligns.
+  ``InvalidSchedule``. So do some inputs node accepts but are surely mistakes:
+  out-of-range values inside lists (node ignores them), unknown keys (node
+  ignores them; a typo would mean "every minute"), an unparsable ``end`` (node
+  drops the bound), a falsy ``rule`` (node reads the rest as a recurrence
+  object), cron strings of fewer than 5 fields (cron-parser right-aligns them)
+  and a bare date string (node schedules a single run; not supported here).
 * ``{"start", "end", "step"}`` objects are read with ``schedule.Range``'s
   semantics (``end`` inclusive when ``step`` is 1, exclusive otherwise). Node
   itself never matches them: JSON gives plain objects, not ``Range`` instances,
   so ``RecurrenceRule.isValid`` rejects the rule and node never schedules it.
+* ``next_after`` is stateless and reads ``after`` as the previous fire time.
+  cron-parser keeps DST state between calls, so node started fresh inside a
+  repeated fall-back hour fires there once more, and started within an hour
+  after a spring-forward gap it skips the gap's shifted times; here neither.
 * As in node, ``start``/``end`` count only next to ``rule``, and a ``tz`` inside
   a nested ``rule`` object is ignored (the outer one wins, even when absent).
 """
@@ -374,6 +381,7 @@ _RECURRENCE_FIELDS: dict[str, tuple[int, int, str]] = {
 _LITERAL_KEYS = frozenset(_RECURRENCE_FIELDS) | {"tz", "recurs", "start", "end"}
 _BOUNDED_KEYS = frozenset({"rule", "start", "end", "tz"})
 _NESTED_RULE_KEYS = frozenset(_RECURRENCE_FIELDS) | {"tz", "recurs"}
+_ISO_DATE = re.compile(r"\d{4}-\d{2}")
 _INT_TEXT = re.compile(r"\s*[+-]?\d+\s*", re.ASCII)
 _UTC_OFFSET_ZONE = re.compile(r"utc(?:([+-]\d{1,2})(?::(\d{2}))?)?", re.IGNORECASE)
 
@@ -393,7 +401,7 @@ def parse_schedule(info: Mapping[str, Any] | str) -> Schedule:
 
 
 def _parse_text(text: str) -> Schedule:
-    if not text.lstrip().startswith(("{", '"')):
+    if not text.lstrip().startswith(("{", "[", '"')):
         return _parse_cron(text, UTC, None, None)
     try:
         value = json.loads(text)
@@ -480,6 +488,8 @@ def _parse_bound(name: str, value: Any) -> datetime | None:
 
 def _parse_timestamp(text: str) -> datetime | None:
     try:
+        if not _ISO_DATE.match(text):
+            raise ValueError(text)  # JavaScript's Date rejects ISO's basic form (20240101)
         parsed = datetime.fromisoformat(text)
     except ValueError:
         try:
