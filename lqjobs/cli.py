@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -245,4 +246,133 @@ def bridge_command(ctx: Context, batch_size: int) -> None:
     bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: bridge.stop())
-    bridge.run_forever()
+    metrics = None
+    if settings.metrics_port is not None:  # LQJOBS_METRICS_PORT
+        from lqjobs.metrics import MetricsServer
+
+        metrics = MetricsServer("0.0.0.0", settings.metrics_port, bridge.metrics).start()
+    try:
+        bridge.run_forever()
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
+@main.command("scheduler")
+@pass_context
+@handles_errors
+def scheduler_command(ctx: Context) -> None:
+    """Turn app_jobs.scheduled_jobs into jobs on their schedules (env: LQJOBS_SCHEDULER_ID,
+    default scheduler-<HOSTNAME>; JOBS_SUPPORTED or JOBS_SUPPORT_ANY; LQJOBS_POLL_INTERVAL;
+    LQJOBS_JOB_EXPIRY)."""
+    import signal
+
+    from lqjobs.logs import configure_logging
+    from lqjobs.scheduler import Scheduler
+
+    settings = ctx.settings
+    configure_logging(settings.log_level)
+    if not settings.jobs_support_any and not settings.jobs_supported:
+        raise ConfigurationError(
+            "set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true"
+        )
+    scheduler = Scheduler(settings)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: scheduler.stop())
+    scheduler.run_forever()
+
+
+@main.command("schedules")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds a scheduled job may be held with no connected holder before it is "
+    "flagged holder-gone.",
+)
+@pass_context
+@handles_errors
+def schedules_command(ctx: Context, as_json: bool, grace: float) -> None:
+    """List scheduled jobs: rule, next fire time, holder, and flags for those that may
+    never fire again (invalid, finished, blocked, holder-gone)."""
+    from datetime import UTC
+
+    from lqjobs import schedule_report
+    from lqjobs.scheduler import APPLICATION_NAME_PREFIX
+
+    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+        statuses = ctx.jobs_db().scheduled_job_overview(conn, APPLICATION_NAME_PREFIX)
+    items = schedule_report.reports(statuses, datetime.now(UTC), grace)
+    if as_json:
+        click.echo(json.dumps(schedule_report.as_json(items)))
+        return
+    table = [schedule_report.HEADER, *(item.row() for item in items)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        cells = (cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+        click.echo("  ".join(cells).rstrip())
+    if not items:
+        click.echo("(no scheduled jobs)")
+
+
+@main.command("callback")
+@click.option("--host", help="Bind address (env: LQJOBS_CALLBACK_HOST; default 0.0.0.0).")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    help="Port (env: INTERNAL_JOBS_CALLBACK_PORT; default 12345).",
+)
+@pass_context
+@handles_errors
+def callback_command(ctx: Context, host: str | None, port: int | None) -> None:
+    """Settle asynchronous functions' jobs from their callbacks, and fail those whose
+    callback is overdue (env: LQJOBS_CALLBACK_KEYS, LQJOBS_CALLBACK_DEADLINE,
+    LQJOBS_BROKER_URL)."""
+    import signal
+
+    from lqjobs.callback import build_server
+    from lqjobs.logs import configure_logging
+
+    settings = ctx.settings
+    configure_logging(settings.log_level)
+    server = build_server(settings, host=host, port=port)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    server.run_forever()
+
+
+@main.command("dev")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=Path(".lqjobs"),
+    show_default=True,
+    help="Where the embedded Postgres and Redis keep their data.",
+)
+@click.option("--no-demo", is_flag=True, help="Start the stack without enqueuing the demo jobs.")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+@pass_context
+@handles_errors
+def dev_command(ctx: Context, data_dir: Path, no_demo: bool, flower_port: int) -> None:
+    """The whole stack on this machine: embedded Postgres and Redis (unless DATABASE_URL /
+    PG* and LQJOBS_BROKER_URL are set), bridge, worker, callback, scheduler, Flower and
+    example functions, with a demo. Ctrl-C stops everything."""
+    from lqjobs import dev
+
+    sys.exit(dev.run(ctx.settings, data_dir, demo=not no_demo, flower_port=flower_port))
+
+
+@main.command("doctor")
+@pass_context
+@handles_errors
+def doctor_command(ctx: Context) -> None:
+    """Check the settings and timeout ladder, the broker, the schema and the queue;
+    exit 1 when something will stop jobs from running."""
+    from lqjobs import doctor
+
+    findings = doctor.diagnose(ctx.settings)
+    click.echo(doctor.render(findings))
+    if any(f.level is doctor.Level.FAIL for f in findings):
+        sys.exit(EXIT_FAILURE)

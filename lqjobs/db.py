@@ -13,6 +13,7 @@ import contextlib
 import enum
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID
@@ -34,6 +35,7 @@ from lqjobs.models import (
     AlreadyScheduled,
     JobRow,
     ScheduledJobRow,
+    ScheduledJobStatus,
     TaskStatus,
 )
 
@@ -47,6 +49,7 @@ ADVISORY_KEY = "({} %% 2147483647)::int"
 # insert by the SQL, and nothing else would wake a bridge before its safety poll.
 WAKE_CHANNEL = "lqjobs:wake"
 INSERT_CHANNEL = "jobs:insert"
+SCHEDULED_INSERT_CHANNEL = "scheduled_jobs:insert"
 RowT = TypeVar("RowT", bound=BaseModel)
 
 # payload travels as JSON text: never re-encoded on its way to a function.
@@ -89,9 +92,22 @@ def _unavailable(exc: psycopg.Error) -> bool:
     return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
-def connect(conninfo: str, *, autocommit: bool = False) -> Connection:
+def connect(
+    conninfo: str, *, autocommit: bool = False, application_name: str | None = None
+) -> Connection:
+    """``application_name`` (shown in pg_stat_activity) overrides the conninfo's when given."""
     with translated_errors():
-        return psycopg.connect(conninfo, autocommit=autocommit, connect_timeout=10)
+        return psycopg.connect(
+            conninfo,
+            autocommit=autocommit,
+            connect_timeout=10,
+            application_name=application_name,
+        )
+
+
+def listen(conn: Connection, channel: str) -> None:
+    with translated_errors():
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
 
 
 def _row(model: type[RowT], row: dict[str, Any] | None) -> RowT | None:
@@ -102,6 +118,14 @@ def _row(model: type[RowT], row: dict[str, Any] | None) -> RowT | None:
 
 def _json(value: Any) -> str:
     return value if isinstance(value, RawJson) else json.dumps(value)
+
+
+@dataclass(frozen=True)
+class QueueGauges:
+    ready: int
+    oldest_ready_age_seconds: float
+    unroutable: int
+    failed_permanently: int
 
 
 class RawJson(str):
@@ -332,6 +356,40 @@ class JobsDB:
         params = [worker_id, None if ids is None else list(ids)]
         self._void(conn, self._call("release_scheduled_jobs", "1", args), params)
 
+    def scheduled_jobs_locked_by(self, conn: Connection, worker_id: str) -> list[ScheduledJobRow]:
+        """The scheduled jobs ``worker_id`` holds, as they are now (read-only)."""
+        query = sql.SQL(
+            "SELECT {columns} FROM {schema}.scheduled_jobs WHERE locked_by = %s ORDER BY id"
+        ).format(columns=sql.SQL(SCHEDULED_JOB_COLUMNS), schema=self._schema)
+        return self._many(conn, ScheduledJobRow, query, [worker_id])
+
+    def scheduled_job_overview(
+        self, conn: Connection, holder_prefix: str
+    ) -> list[ScheduledJobStatus]:
+        """Every scheduled job (no payload) with what ``lqjobs schedules`` judges it by:
+        whether its last job failed permanently and still exists, and whether a session
+        whose application_name is ``holder_prefix || locked_by`` is connected."""
+        query = sql.SQL(
+            """
+            SELECT s.id, s.task_identifier, s.schedule_info::text AS schedule_info,
+                   s.locked_by, s.locked_at, s.last_scheduled, s.last_scheduled_id,
+                   coalesce(j.locked_at IS NULL AND j.attempts >= j.max_attempts, false)
+                       AS last_job_failed_permanently,
+                   CASE WHEN s.locked_by IS NOT NULL THEN EXISTS (
+                       SELECT 1 FROM pg_stat_activity a
+                        WHERE a.datname = current_database()
+                          AND a.application_name = left(%(prefix)s || s.locked_by, 63)
+                   ) END AS holder_connected,
+                   extract(epoch FROM now() - s.locked_at)::float8 AS held_seconds
+              FROM {schema}.scheduled_jobs s
+              LEFT JOIN {schema}.jobs j ON j.id = s.last_scheduled_id
+             ORDER BY s.id
+            """
+        ).format(schema=self._schema)
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, {"prefix": holder_prefix})
+            return [ScheduledJobStatus.model_validate(row) for row in cur.fetchall()]
+
     # -- fenced writes: the lease is re-checked in the same statement ----------------
 
     def _lease_cte(self) -> sql.Composed:
@@ -474,6 +532,38 @@ class JobsDB:
         with translated_errors():
             row = conn.execute(query, params).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+    def queue_gauges(self, conn: Connection, task_identifiers: Sequence[str] | None) -> QueueGauges:
+        """Ready jobs this deployment serves and their oldest age; ready jobs of tasks
+        nobody here serves (they wait forever); jobs parked as failed."""
+        query = sql.SQL(
+            """
+            SELECT count(*) FILTER (WHERE served AND ready),
+                   coalesce(extract(epoch FROM now() - min(run_at)
+                            FILTER (WHERE served AND ready)), 0)::float8,
+                   count(*) FILTER (WHERE NOT served AND ready),
+                   count(*) FILTER (WHERE locked_at IS NULL AND attempts >= max_attempts)
+              FROM (SELECT run_at, locked_at, attempts, max_attempts,
+                           (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s))
+                               AS served,
+                           (locked_at IS NULL AND attempts < max_attempts AND run_at <= now())
+                               AS ready
+                      FROM {schema}.jobs) j
+            """
+        ).format(schema=self._schema)
+        tasks = None if task_identifiers is None else list(task_identifiers)
+        with translated_errors():
+            row = conn.execute(query, {"tasks": tasks}).fetchone()
+        assert row is not None
+        return QueueGauges(int(row[0]), float(row[1]), int(row[2]), int(row[3]))
+
+    def existing_job_ids(self, conn: Connection, job_ids: Sequence[int]) -> set[int]:
+        """Which of ``job_ids`` are still in the queue (not yet completed)."""
+        query = sql.SQL("SELECT id FROM {schema}.jobs WHERE id = ANY(%s)").format(
+            schema=self._schema
+        )
+        with translated_errors():
+            return {row[0] for row in conn.execute(query, [list(job_ids)]).fetchall()}
 
     def ping(self, conn: Connection) -> None:
         self._void(conn, sql.SQL("SELECT 1"), [])

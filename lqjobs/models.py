@@ -62,6 +62,23 @@ class ScheduledJobRow(BaseModel):
         return json.loads(self.schedule_info)
 
 
+class ScheduledJobStatus(BaseModel):
+    """One scheduled job as ``lqjobs schedules`` judges it (no payload)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    task_identifier: str
+    schedule_info: str
+    locked_by: str | None
+    locked_at: datetime | None
+    last_scheduled: datetime | None
+    last_scheduled_id: int | None
+    last_job_failed_permanently: bool  # the last job exists with attempts used up, unlocked
+    holder_connected: bool | None  # None when not held
+    held_seconds: float | None
+
+
 class TaskStatus(BaseModel):
     """Counts of one task identifier's jobs, for ``lqjobs status``."""
 

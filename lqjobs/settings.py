@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     knative_ingress_url: str | None = _env("LQJOBS_KNATIVE_INGRESS_URL", default=None)
     retry_on_404: bool = _env("LQJOBS_RETRY_ON_404", default=True)
     db_pool_size: int = _env("LQJOBS_DB_POOL_SIZE", default=32, ge=1)
+    metrics_port: int | None = _env("LQJOBS_METRICS_PORT", default=None, ge=0, le=65535)
     max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
     max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
     poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
@@ -85,7 +86,17 @@ class Settings(BaseSettings):
     visibility_timeout: float = _env("LQJOBS_VISIBILITY_TIMEOUT", default=120.0, gt=0)
     max_queue_wait: float = _env("LQJOBS_MAX_QUEUE_WAIT", default=180.0, gt=0)
     job_expiry: float = _env("LQJOBS_JOB_EXPIRY", default=600.0, gt=0)
+    # The scheduler's stable id (default scheduler-<HOSTNAME>): it must survive restarts,
+    # because the rows a dead scheduler held are released only by its successor.
+    scheduler_id: str | None = _env("LQJOBS_SCHEDULER_ID", default=None)
     callback_keys: SecretStr | None = _env("LQJOBS_CALLBACK_KEYS", default=None)
+    # The callback service's bind address. All interfaces by default: its callers (the
+    # OpenFaaS queue-worker, functions) are other hosts or pods, and every request is
+    # authenticated before any database access. Restrict it here or with a NetworkPolicy.
+    callback_host: str = _env("LQJOBS_CALLBACK_HOST", default="0.0.0.0", min_length=1)
+    # Seconds a job deferred to an asynchronous callback may wait for it before it is
+    # failed; unset: 300 s, or half of LQJOBS_JOB_EXPIRY when that is shorter.
+    callback_deadline: float | None = _env("LQJOBS_CALLBACK_DEADLINE", default=None, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
         "LQJOBS_LOG_LEVEL", default="INFO"
     )
@@ -126,6 +137,12 @@ class Settings(BaseSettings):
     def executor_for(self, task_identifier: str) -> ExecutorName:
         return self.task_executors.get(task_identifier, self.executor)
 
+    def callback_deadline_seconds(self) -> float:
+        """How long a deferred job waits for its callback before it is failed."""
+        if self.callback_deadline is not None:
+            return self.callback_deadline
+        return min(300.0, self.job_expiry / 2)
+
     def timeout_ladder_problems(self) -> list[str]:
         """Violations of T_http < T_soft < T_hard < V and V + T_hard + wait < E."""
         problems = []
@@ -151,6 +168,11 @@ class Settings(BaseSettings):
             problems.append(
                 "LQJOBS_MAX_QUEUE_WAIT + LQJOBS_VISIBILITY_TIMEOUT + LQJOBS_TASK_TIME_LIMIT "
                 f"({needed:g}s) must be below LQJOBS_JOB_EXPIRY ({self.job_expiry:g}s)"
+            )
+        if not self.callback_deadline_seconds() < self.job_expiry:
+            problems.append(
+                f"LQJOBS_CALLBACK_DEADLINE ({self.callback_deadline_seconds():g}s) must be "
+                f"below LQJOBS_JOB_EXPIRY ({self.job_expiry:g}s)"
             )
         return problems
 

@@ -300,6 +300,7 @@ def register_run_job(app: Celery, settings: Settings) -> Any:
         attempts: int,
         locked_at: str,
         task_identifier: str,
+        database_id: str | None = None,  # shown in Flower; the row is what counts
     ) -> str:
         lease = Lease(job_id, worker_id, attempts, datetime.fromisoformat(locked_at))
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))

@@ -78,6 +78,10 @@ def bridge(env: dict[str, str], logs: Path, name: str = "bridge", *args: str) ->
     return Process(name, [sys.executable, "-m", "lqjobs", "bridge", *args], env, logs)
 
 
+def scheduler(env: dict[str, str], logs: Path, name: str = "scheduler") -> Process:
+    return Process(name, [sys.executable, "-m", "lqjobs", "scheduler"], env, logs)
+
+
 def worker(env: dict[str, str], logs: Path, name: str = "worker", concurrency: int = 8) -> Process:
     argv = [
         sys.executable,

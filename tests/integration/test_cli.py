@@ -116,3 +116,23 @@ def test_the_console_script_runs() -> None:
         [sys.executable, "-m", "lqjobs", "--version"], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0 and "0.1.0" in done.stdout
+
+
+def test_doctor_reports_at_a_glance(db_url: str, redis_url: str) -> None:
+    env = {"LQJOBS_BROKER_URL": redis_url, "JOBS_SUPPORTED": "mail"}
+    run("--database-url", db_url, "add-job", "resize")  # nobody serves it
+    healthy = run("--database-url", db_url, "doctor", env=env)
+    assert healthy.exit_code == 0, healthy.output
+    lines = healthy.output.splitlines()
+    assert any(line.startswith("ok") and "timeout ladder" in line for line in lines)
+    assert any(line.startswith("ok") and "noeviction" in line for line in lines)
+    assert any(line.startswith("warn") and "1 ready jobs of tasks" in line for line in lines)
+    broken = run(
+        "--database-url",
+        db_url,
+        "doctor",
+        env=env | {"LQJOBS_VISIBILITY_TIMEOUT": "5", "JOBS_SUPPORTED": ""},
+    )
+    assert broken.exit_code == 1
+    assert "FAIL  timeout ladder" in broken.output
+    assert "neither JOBS_SUPPORTED nor JOBS_SUPPORT_ANY" in broken.output

@@ -1,0 +1,412 @@
+"""The callback service: asynchronous functions report their outcome here.
+
+Routes: ``POST /callback?token=...`` and ``GET /healthz`` (200 while the database
+answers); anything else is 404. The token (:mod:`lqjobs.tokens`) names the lease
+the callback speaks for, so even a callback without any job header is
+attributed to the right attempt.
+
+The three shapes a callback comes in, and which outcome it reports, are read by
+:mod:`lqjobs.callback_parsing`.
+
+Checks run in this order (reliability.md S1), and nothing reaches the database
+before the third:
+
+1. body at most 64 KiB (413 unread), a token in the query (401);
+2. the token's HMAC, in constant time (401), and any ``x-job-id`` /
+   ``x-worker-id`` header equal to the token's lease (401; 400 if unparsable);
+   then the body's shape (400);
+3. one transaction: the job row locked, the token's expiry compared with the
+   database's ``now()``, and the fenced ``complete_job`` / ``fail_job``.
+
+=====================================  ======  =========================
+situation                              status  body ``result`` / ``error``
+=====================================  ======  =========================
+first valid callback: completed         200    ``completed``
+first valid callback: failed (back-off) 200    ``failed``
+job already settled (duplicate)         200    ``already_settled``
+intermediate OpenFaaS retry             200    ``ignored_retry``
+job re-leased or released since         409    ``stale_lease``
+token expired (database clock)          401    ``token_expired``
+no / bad token, foreign job headers     401    ``unauthorized``
+malformed body or headers               400    ``bad_request``
+body over 64 KiB                        413    ``too_large``
+database unreachable                    503    ``unavailable``
+=====================================  ======  =========================
+
+Only the first two rows write; every other answer leaves the database as it was.
+"Already settled" means the row is gone (completed) or unlocked at the token's own
+attempt (its failure was recorded); "stale" means the row is locked under another
+lease, or unlocked at another attempt (``release_jobs`` since). An expired token is
+refused whatever the row's state: its lock may be re-taken at any moment.
+Logs carry the job id, worker id, action and status; never the token, the query
+string or a body. The stored ``last_error`` is cut to 4 KiB and stripped of
+control characters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from email.message import Message
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+import redis
+from psycopg_pool import ConnectionPool
+
+from lqjobs import db, tokens
+from lqjobs.callback_parsing import (
+    MAX_BODY_BYTES,
+    CallbackRequest,
+    Rejected,
+    Report,
+    authenticate,
+    parse_report,
+)
+from lqjobs.deadlines import DeadlineReaper, DeferredDeadlines
+from lqjobs.errors import ConfigurationError, DatabaseError
+from lqjobs.lease import Lease
+from lqjobs.settings import Settings
+
+POOL_TIMEOUT = 5.0
+log = logging.getLogger(__name__)
+
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,12}")
+# Headers read by the service: a request repeating one with different values is refused.
+_SINGLE = frozenset(
+    {"x-job-id", "x-worker-id", "x-job-error", "x-function-status", "x-retry", "x-retry-max"}
+)
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    result: str
+
+    def body(self) -> bytes:
+        key = "result" if self.status < 300 else "error"
+        return json.dumps({key: self.result}).encode()
+
+
+# -- settling ---------------------------------------------------------------------------
+
+
+class CallbackService:
+    """Authenticates callbacks and settles their jobs; also fails overdue deferred jobs."""
+
+    def __init__(
+        self,
+        keys: tokens.CallbackKeys,
+        pool: ConnectionPool[db.Connection],
+        jobs_db: db.JobsDB,
+        deadlines: DeferredDeadlines | None = None,
+        deadline_seconds: float = 300.0,
+    ) -> None:
+        self.keys = keys
+        self.pool = pool
+        self.jobs_db = jobs_db
+        self.deadlines = deadlines
+        self.deadline_seconds = deadline_seconds
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def handle(self, request: CallbackRequest) -> Reply:
+        try:
+            claims = authenticate(self.keys, request)
+            report = parse_report(request.headers, request.body)
+        except Rejected as exc:
+            return self.refused(Reply(exc.status, exc.result))
+        if not report.final:
+            return self._reply(claims.lease, Reply(200, "ignored_retry"))
+        return self.settle(claims, report)
+
+    def settle(self, claims: tokens.TokenClaims, report: Report) -> Reply:
+        lease = claims.lease
+        try:
+            state, written = self._settle(claims, report)
+        except DatabaseError:
+            return self._reply(lease, Reply(503, "unavailable"))
+        if state is db.LeaseState.EXPIRED:
+            return self._reply(lease, Reply(401, "token_expired"))
+        if state is db.LeaseState.SETTLED:
+            reply = Reply(200, "already_settled")
+        elif written:
+            reply = Reply(200, "completed" if report.success else "failed")
+        else:
+            reply = Reply(409, "stale_lease")
+        if reply.status == 200 and self.deadlines is not None:
+            self.deadlines.forget(lease)
+        return self._reply(lease, reply)
+
+    def _settle(self, claims: tokens.TokenClaims, report: Report) -> tuple[db.LeaseState, bool]:
+        lease = claims.lease
+        with (
+            db.translated_errors(),
+            self.pool.connection(timeout=POOL_TIMEOUT) as conn,
+            conn.transaction(),
+        ):
+            state = self.jobs_db.lock_lease_state(conn, lease, claims.expires_at)
+            if state is not db.LeaseState.HELD:
+                return state, False
+            if report.success:
+                return state, self.jobs_db.fenced_complete(conn, lease)
+            return state, self.jobs_db.fenced_fail(conn, lease, report.message)
+
+    def refused(self, reply: Reply) -> Reply:
+        """Count and log a callback refused before its job was known."""
+        self._count(reply.result)
+        extra = {"action": f"callback_{reply.result}", "status": reply.status}
+        log.warning("callback refused", extra=extra)
+        return reply
+
+    def fail_overdue(self, lease: Lease) -> None:
+        """The deadline reaper's action: fenced fail_job (a no-op once settled)."""
+        message = f"callback not received within {self.deadline_seconds:g}s"
+        with db.translated_errors(), self.pool.connection(timeout=POOL_TIMEOUT) as conn:
+            failed = self.jobs_db.fenced_fail(conn, lease, message)
+        self._reply(lease, Reply(200, "deadline_failed" if failed else "deadline_moot"))
+
+    def healthy(self) -> bool:
+        try:
+            with db.translated_errors(), self.pool.connection(timeout=2.0) as conn:
+                self.jobs_db.ping(conn)
+        except DatabaseError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.deadlines is not None:
+            self.deadlines.client.close()
+
+    def _count(self, result: str) -> None:
+        with self._lock:
+            self.counters[result] += 1
+
+    def _reply(self, lease: Lease, reply: Reply) -> Reply:
+        self._count(reply.result)
+        log.log(
+            logging.INFO if reply.status < 500 else logging.WARNING,
+            "callback handled",
+            extra={
+                "action": f"callback_{reply.result}",
+                "job_id": lease.job_id,
+                "worker_id": lease.worker_id,
+                "attempt": lease.attempts,
+                "status": reply.status,
+            },
+        )
+        return reply
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() then waits for the requests in flight
+    block_on_close = True
+    service: CallbackService
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.exception("callback request crashed", extra={"action": "callback_crashed"})
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "lqjobs-callback"
+    sys_version = ""
+    timeout = 10  # a client stalling mid-request cannot hold a thread, or the shutdown, longer
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
+
+    @property
+    def service(self) -> CallbackService:
+        return cast(_HTTPServer, self.server).service
+
+    def do_POST(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path != "/callback":
+            self._send(Reply(404, "not_found"))
+            return
+        headers = _single_headers(self.headers)
+        body = self._read_body()
+        if isinstance(body, Reply):
+            self._send(self.service.refused(body))
+        elif headers is None:
+            self._send(self.service.refused(Reply(400, "bad_request")))
+        else:
+            self._send(self.service.handle(CallbackRequest(query, headers, body)))
+
+    def do_GET(self) -> None:
+        if self.path != "/healthz":
+            self._send(Reply(404, "not_found"))
+        elif self.service.healthy():
+            self._send(Reply(200, "ok"))
+        else:
+            self._send(Reply(503, "database_unavailable"))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("do_"):  # every other method
+            return lambda: self._send(Reply(404, "not_found"))
+        raise AttributeError(name)
+
+    def _read_body(self) -> bytes | Reply:
+        if "Transfer-Encoding" in self.headers:
+            return Reply(411, "length_required")
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not _CONTENT_LENGTH.fullmatch(length):
+            return Reply(400, "bad_request")
+        if int(length) > MAX_BODY_BYTES:
+            return Reply(413, "too_large")
+        body = self.rfile.read(int(length))
+        return body if len(body) == int(length) else Reply(400, "bad_request")
+
+    def _send(self, reply: Reply) -> None:
+        payload = reply.body()
+        self.close_connection = True  # one request per connection: shutdown drains quickly
+        try:
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            pass  # the client left; the outcome is recorded either way
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the request line holds the token; the service logs what matters
+
+
+def _single_headers(message: Message) -> dict[str, str] | None:
+    """Headers by lower-cased name; None when one the service reads is repeated with
+    different values."""
+    headers: dict[str, str] = {}
+    for name, value in message.items():
+        key = name.lower()
+        if key in headers and key in _SINGLE and headers[key] != value:
+            return None
+        headers.setdefault(key, value)
+    return headers
+
+
+class CallbackServer:
+    """The HTTP server around a :class:`CallbackService`, plus its deadline reaper.
+
+    ``start()`` serves in a background thread; ``stop()`` stops accepting, waits for
+    the requests in flight, then stops the reaper and closes the pool. ``stop()`` and
+    ``request_stop()`` are idempotent; ``request_stop()`` is safe in a signal handler.
+    """
+
+    def __init__(
+        self, service: CallbackService, host: str, port: int, reaper: DeadlineReaper | None
+    ) -> None:
+        self.service = service
+        self.reaper = reaper
+        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd.service = service
+        self._thread: threading.Thread | None = None
+        self._stop_requested = threading.Event()
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> CallbackServer:
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="callback-http"
+        )
+        self._thread.start()
+        if self.reaper is not None:
+            self.reaper.start()
+        host, port = self._httpd.server_address[:2]
+        extra = {"action": "callback_started", "address": f"{host!s}:{port}"}
+        log.info("callback service listening", extra=extra)
+        return self
+
+    def run_forever(self) -> None:
+        self.start()
+        while not self._stop_requested.wait(1.0):
+            pass
+        self.stop()
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._stop_requested.set()
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+        self._httpd.server_close()  # joins the request threads: in-flight callbacks finish
+        if self.reaper is not None:
+            self.reaper.stop()
+        self.service.close()
+        log.info("callback service stopped", extra={"action": "callback_stopped"})
+
+
+def build_server(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    reaper_interval: float = 1.0,
+) -> CallbackServer:
+    """The callback service as ``settings`` describe it (not started)."""
+    if settings.callback_keys is None:
+        raise ConfigurationError(
+            "LQJOBS_CALLBACK_KEYS is not set: the callback service needs the keys "
+            "that sign callback URLs (the workers' LQJOBS_CALLBACK_KEYS)"
+        )
+    keys = tokens.CallbackKeys.parse(settings.callback_keys.get_secret_value())
+    host = settings.callback_host if host is None else host
+    port = settings.internal_jobs_callback_port if port is None else port
+    service = CallbackService(
+        keys,
+        _pool(settings),
+        db.JobsDB(settings.jobs_schema),
+        _deadlines(settings),
+        settings.callback_deadline_seconds(),
+    )
+    reaper = None
+    if service.deadlines is not None:
+        reaper = DeadlineReaper(service.deadlines, service.fail_overdue, reaper_interval)
+    try:
+        return CallbackServer(service, host, port, reaper)
+    except OSError as exc:
+        service.close()
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _pool(settings: Settings) -> ConnectionPool[db.Connection]:
+    return ConnectionPool(
+        settings.conninfo(),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        kwargs={"autocommit": True},
+        check=ConnectionPool.check_connection,
+        open=True,
+        name="lqjobs-callback",
+    )
+
+
+def _deadlines(settings: Settings) -> DeferredDeadlines | None:
+    broker = settings.broker_url.get_secret_value()
+    if not broker.startswith(("redis:", "rediss:")):
+        log.warning(
+            "broker is not redis: overdue callbacks are recovered by the lease expiry only",
+            extra={"action": "deadlines_disabled"},
+        )
+        return None
+    return DeferredDeadlines(redis.Redis.from_url(broker))

@@ -1,0 +1,169 @@
+"""Reading an asynchronous function's callback: pure functions, no I/O.
+
+A callback comes in one of three shapes:
+
+* neutral: headers ``x-job-id``, ``x-worker-id``, body
+  ``{"status": "success"|"error", "error"?: str}``;
+* legacy (the Node runtime): any POST carrying ``X-Job-Id``; it failed when
+  ``X-Job-Error: true``, with the message in ``body.message``;
+* the OpenFaaS queue-worker's: the function's own reply (body and headers) plus
+  ``X-Function-Status`` (non-2xx = failure), ``X-Call-Id``, ``X-Function-Name``,
+  ``X-Duration-Seconds``. When the function was unreachable it is a 503 without
+  any of the function's headers. The Pro queue-worker posts once the retries are
+  over (``X-Retry`` = ``X-Retry-Max``); a failure still marked ``X-Retry`` <
+  ``X-Retry-Max`` is an intermediate attempt and is ignored (the job keeps its lock
+  and its deadline).
+
+The outcome is taken from, in this order: the body's ``status``, ``X-Job-Error``,
+``X-Function-Status``, and finally the bare legacy POST (success). Every refusal is
+a :class:`Rejected` carrying the HTTP status to answer with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+from lqjobs import tokens
+from lqjobs.errors import LqJobsError
+from lqjobs.lease import Lease
+from lqjobs.logs import clean_text
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_ERROR_CHARS = 4096
+
+_NUMBER = re.compile(r"[0-9]{1,19}")
+_HTTP_STATUS = re.compile(r"[1-5][0-9][0-9]")
+# C1 controls and Unicode line separators, which lqjobs.logs.clean_text leaves in.
+_MORE_CONTROLS = re.compile("[\x80-\x9f\u2028\u2029]")
+
+
+class Rejected(LqJobsError):
+    """The callback was refused."""
+
+    def __init__(self, status: int, result: str) -> None:
+        super().__init__(result)
+        self.status = status
+        self.result = result
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a callback says about its job."""
+
+    success: bool
+    message: str = ""
+    final: bool = True  # False: an intermediate attempt the platform will retry itself
+
+
+@dataclass(frozen=True)
+class CallbackRequest:
+    query: str
+    headers: Mapping[str, str]  # names lower-cased
+    body: bytes
+
+
+def error_text(text: str) -> str:
+    """A message fit for ``last_error`` and logs: one line, no control characters, 4 KiB."""
+    return clean_text(_MORE_CONTROLS.sub(" ", text), MAX_ERROR_CHARS).strip()
+
+
+def token_of(query: str) -> str:
+    """The single ``token`` query parameter."""
+    try:
+        values = parse_qs(query, keep_blank_values=True, max_num_fields=16).get("token", [])
+    except ValueError:
+        raise Rejected(401, "unauthorized") from None
+    if len(values) != 1 or not values[0]:
+        raise Rejected(401, "unauthorized")
+    return values[0]
+
+
+def authenticate(keys: tokens.CallbackKeys, request: CallbackRequest) -> tokens.TokenClaims:
+    """The token's claims, once its signature and the job headers agree with it."""
+    claims = tokens.verify(keys, token_of(request.query))
+    if claims is None:
+        raise Rejected(401, "unauthorized")
+    check_job_headers(request.headers, claims.lease)
+    return claims
+
+
+def check_job_headers(headers: Mapping[str, str], lease: Lease) -> None:
+    """A job header, when present, must name the token's own lease."""
+    job_id = headers.get("x-job-id")
+    if job_id is not None:
+        if not _NUMBER.fullmatch(job_id.strip()):
+            raise Rejected(400, "bad_request")
+        if int(job_id) != lease.job_id:
+            raise Rejected(401, "unauthorized")
+    worker_id = headers.get("x-worker-id")
+    if worker_id is not None and worker_id.strip() != lease.worker_id:
+        raise Rejected(401, "unauthorized")
+
+
+def parse_report(headers: Mapping[str, str], body: bytes) -> Report:
+    """The outcome a callback reports: body ``status``, then ``X-Job-Error``, then
+    ``X-Function-Status``, then the bare legacy POST."""
+    relayed = "x-function-status" in headers  # the body is the function's own reply
+    fields = _json_object(body, strict=not relayed)
+    status = fields.get("status")
+    if status == "success":
+        return Report(True)
+    if status == "error":
+        return Report(False, _message(fields, body, ("error", "message"), "function failed"))
+    if status is not None and not relayed:
+        raise Rejected(400, "bad_request")
+    if headers.get("x-job-error", "").strip().lower() == "true":
+        return Report(False, _message(fields, body, ("message", "error"), "function failed"))
+    if relayed:
+        return _relayed_report(headers, fields, body)
+    if "x-job-id" in headers:
+        return Report(True)
+    raise Rejected(400, "bad_request")
+
+
+def _json_object(body: bytes, *, strict: bool) -> dict[str, Any]:
+    """The body as a JSON object; ``{}`` when empty. A body the function sent itself
+    must be an object (400 otherwise); a relayed reply may be anything."""
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        value = None
+    if isinstance(value, dict):
+        return value
+    if strict:
+        raise Rejected(400, "bad_request")
+    return {}
+
+
+def _message(fields: Mapping[str, Any], body: bytes, keys: tuple[str, ...], default: str) -> str:
+    for key in keys:
+        value = fields.get(key)
+        if isinstance(value, str) and value.strip():
+            return error_text(value)
+    if not fields and body.strip():
+        return error_text(body.decode("utf-8", "replace"))
+    return default
+
+
+def _relayed_report(headers: Mapping[str, str], fields: Mapping[str, Any], body: bytes) -> Report:
+    raw = headers["x-function-status"].strip()
+    if not _HTTP_STATUS.fullmatch(raw):
+        raise Rejected(400, "bad_request")
+    code = int(raw)
+    if 200 <= code < 300:
+        return Report(True)
+    detail = _message(fields, body, ("message", "error"), "")
+    message = f"function failed with status {code}" + (f": {detail}" if detail else "")
+    return Report(False, error_text(message), final=not _retried_later(headers))
+
+
+def _retried_later(headers: Mapping[str, str]) -> bool:
+    retry, most = headers.get("x-retry", "").strip(), headers.get("x-retry-max", "").strip()
+    return bool(_NUMBER.fullmatch(retry) and _NUMBER.fullmatch(most)) and int(retry) < int(most)
