@@ -21,16 +21,21 @@ import time
 from collections import Counter
 from datetime import timedelta
 
+from kombu.exceptions import KombuError
 from psycopg import sql
+from redis.exceptions import RedisError
 
 from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.db import Connection, JobsDB
 from lqjobs.errors import ConfigurationError, DatabaseError
+from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
 log = logging.getLogger(__name__)
+# What a broker outage raises; anything else is a bug and stops the bridge loudly.
+BROKER_ERRORS = (KombuError, RedisError, OSError)
 HOST_PART = re.compile(r"[A-Za-z0-9._-]{1,40}")
 SATURATED_RECHECK = 0.02  # seconds between in-flight checks while at the cap
 WAIT_SLICE = 0.25  # longest uninterrupted wait, so stop() is honoured quickly
@@ -141,7 +146,7 @@ class Bridge:
                 self._wait(self._next_wake())
             except DatabaseError as exc:
                 self._on_failure("database unavailable", exc)
-            except Exception as exc:  # the broker: kombu/redis errors have no common root
+            except BROKER_ERRORS as exc:
                 self._on_failure("publish failed", exc)
         self._close()
         log.info(
@@ -202,6 +207,50 @@ class Bridge:
         with db.translated_errors():
             for _ in listener.notifies(timeout=0):
                 pass
+
+    # -- metrics ----------------------------------------------------------------
+
+    def metrics(self) -> list[Sample]:
+        """Counters of this incarnation and queue gauges read from Postgres (on a
+        connection of its own: scrapes come from another thread)."""
+        labels = (("worker_id", self.worker_id),)
+        samples = [
+            Sample(name, "counter", help, float(self.counters[key]), labels)
+            for name, key, help in (
+                ("jobs_locked_total", "locked", "Jobs locked with get_job."),
+                ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
+                ("jobs_oversized_total", "oversized", "Jobs failed for a too large payload."),
+                ("bridge_failures_total", "failures", "Passes failed on the database or broker."),
+            )
+        ]
+        with db.connect(self.settings.conninfo(), autocommit=True) as conn:
+            in_flight = self.jobs_db.count_locked_by(conn, self.worker_id)
+            gauges = self.jobs_db.queue_gauges(conn, self.task_filter)
+        return [
+            *samples,
+            Sample(
+                "jobs_in_flight", "gauge", "Locked by this bridge, not settled.", in_flight, labels
+            ),
+            Sample("jobs_ready", "gauge", "Ready jobs of served tasks.", gauges.ready),
+            Sample(
+                "oldest_ready_job_age_seconds",
+                "gauge",
+                "Age of the oldest ready job of a served task.",
+                gauges.oldest_ready_age_seconds,
+            ),
+            Sample(
+                "jobs_unroutable",
+                "gauge",
+                "Ready jobs of tasks no bridge here serves.",
+                gauges.unroutable,
+            ),
+            Sample(
+                "jobs_failed_permanently",
+                "gauge",
+                "Jobs parked after max_attempts.",
+                gauges.failed_permanently,
+            ),
+        ]
 
     # -- connections ------------------------------------------------------------
 

@@ -33,7 +33,8 @@ class CeleryPublisher:
                 lease = Lease.of(job)
                 self.app.send_task(
                     TASK_NAME,
-                    args=lease.message_args(job.task_identifier),
+                    args=lease.message_args(job.task_identifier, str(job.database_id)),
+                    argsrepr=lease.describe(str(job.database_id)),
                     task_id=lease.task_id(),
                     shadow=job.task_identifier,  # Flower and logs show the job's task
                     expires=self.expires_seconds,

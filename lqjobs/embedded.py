@@ -50,7 +50,7 @@ def _package_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _die_with_parent(signum: int) -> Callable[[], None]:
+def die_with_parent(signum: int) -> Callable[[], None]:
     """For preexec_fn: the child gets ``signum`` when our process dies, so a crashed
     test session or dev stack never leaves servers behind."""
 
@@ -122,7 +122,8 @@ class EmbeddedPostgres:
             user=self._user.pw_uid if self._user else None,
             group=self._user.pw_gid if self._user else None,
             # SIGINT is Postgres' fast shutdown; SIGTERM (smart) would wait for clients.
-            preexec_fn=_die_with_parent(signal.SIGINT),
+            start_new_session=True,  # a terminal's Ctrl-C is for our process to handle
+            preexec_fn=die_with_parent(signal.SIGINT),
         )
         log.close()
         wait_until(self._ready, timeout, f"postgres on port {self.port}")
@@ -269,7 +270,8 @@ class EmbeddedRedis:
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent(signal.SIGTERM),
+            start_new_session=True,  # a terminal's Ctrl-C is for our process to handle
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         log.close()
         wait_until(self._ready, timeout, f"redis on port {self.port}")

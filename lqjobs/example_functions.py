@@ -427,3 +427,25 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("functions: " + format, *args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lqjobs.example_functions``: serve until SIGTERM or Ctrl-C."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(description="Example functions: Knative and OpenFaaS fakes")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--log", type=Path, help="append every call to this JSON-lines file")
+    args = parser.parse_args(argv)
+    stopping = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stopping.set())
+    with FunctionServer(args.host, args.port, log_path=args.log) as server:
+        print(f"example functions on {server.url}", flush=True)
+        stopping.wait()
+
+
+if __name__ == "__main__":
+    main()

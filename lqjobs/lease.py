@@ -44,11 +44,16 @@ class Lease:
         """The Celery task id: job id and attempt, plus the lock time that makes it unique."""
         return f"job-{self.job_id}-{self.attempts}-{self.locked_at_us:x}"
 
-    def message_args(self, task_identifier: str) -> list[object]:
+    def message_args(self, task_identifier: str, database_id: str) -> list[object]:
         return [
             self.job_id,
             self.worker_id,
             self.attempts,
             self.locked_at.isoformat(),
             task_identifier,
+            database_id,
         ]
+
+    def describe(self, database_id: str) -> str:
+        """How Flower shows the message's arguments."""
+        return f"job_id={self.job_id} attempt={self.attempts} database_id={database_id}"

@@ -225,3 +225,32 @@ def test_the_bridge_reconnects_when_its_sessions_are_terminated(
         # poll; the worker's dead pooled session makes it redeliver, not drop, the message.
         functions.calls.wait_for_calls(1, timeout=10, job_id=second)
     assert count(db_url) == 0
+
+
+def test_bridge_metrics_endpoint(db_url: str, redis_url: str) -> None:
+    import urllib.request
+
+    from lqjobs.metrics import MetricsServer
+
+    add_jobs(db_url, "served", 30)
+    add_jobs(db_url, "nobody-serves-this", 2)
+    settings = make_settings(
+        db_url, redis_url, jobs_support_any=False, jobs_supported=("served",), max_in_flight=10
+    )
+    flush_broker(redis_url)
+    with bridge(settings, create_app(settings)) as running:
+        wait_until(lambda: running.counters["dispatched"] >= 10, 10, "10 jobs published")
+        server = MetricsServer("127.0.0.1", 0, running.metrics).start()
+        try:
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+                assert response.headers["Content-Type"].startswith("text/plain")
+        finally:
+            server.stop()
+    worker = f'worker_id="{running.worker_id}"'
+    assert f"lqjobs_jobs_dispatched_total{{{worker}}} 10" in text
+    assert f"lqjobs_jobs_in_flight{{{worker}}} 10" in text  # the cap holds
+    assert "lqjobs_jobs_ready 20\n" in text
+    assert "lqjobs_jobs_unroutable 2\n" in text
+    assert "# TYPE lqjobs_jobs_locked_total counter" in text

@@ -22,6 +22,7 @@ def test_locked_at_us_is_exact() -> None:
 
 def test_message_args_round_trip() -> None:
     lease = Lease(7, "bridge-a-1", 1, AT)
-    job_id, worker, attempts, locked_at, task = lease.message_args("send-email")
+    job_id, worker, attempts, locked_at, task, tenant = lease.message_args("send-email", "t-1")
     assert Lease(job_id, worker, attempts, datetime.fromisoformat(locked_at)) == lease  # type: ignore[arg-type]
-    assert task == "send-email"
+    assert (task, tenant) == ("send-email", "t-1")
+    assert lease.describe("t-1") == "job_id=7 attempt=1 database_id=t-1"

@@ -1,0 +1,146 @@
+"""``lqjobs doctor``: what is wrong with this deployment, readable at a glance.
+
+Each check returns one line: ok, warn (works, but something needs a look) or
+fail (jobs will not run as they should). The command exits 1 on any fail.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+
+from lqjobs import db
+from lqjobs.errors import LqJobsError
+from lqjobs.settings import Settings, redact_url
+
+
+class Level(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: Level
+    detail: str
+
+
+Check = Callable[[Settings], list[Finding]]
+
+
+def check_settings(settings: Settings) -> list[Finding]:
+    findings = [
+        Finding("timeout ladder", Level.FAIL, problem)
+        for problem in settings.timeout_ladder_problems()
+    ]
+    if not findings:
+        findings.append(
+            Finding(
+                "timeout ladder",
+                Level.OK,
+                f"http {settings.http_timeout:g}s < soft {settings.task_soft_time_limit:g}s < hard "
+                f"{settings.task_time_limit:g}s < visibility {settings.visibility_timeout:g}s; "
+                f"lock expiry {settings.job_expiry:g}s",
+            )
+        )
+    if settings.jobs_support_any:
+        findings.append(Finding("tasks", Level.OK, "any task (JOBS_SUPPORT_ANY=true)"))
+    elif settings.jobs_supported:
+        findings.append(Finding("tasks", Level.OK, ", ".join(settings.jobs_supported)))
+    else:
+        findings.append(
+            Finding("tasks", Level.FAIL, "neither JOBS_SUPPORTED nor JOBS_SUPPORT_ANY is set")
+        )
+    uses_async = "openfaas-async" in {settings.executor, *settings.task_executors.values()}
+    if uses_async and not (settings.callback_keys and settings.internal_jobs_callback_url):
+        findings.append(
+            Finding(
+                "callbacks",
+                Level.FAIL,
+                "openfaas-async needs LQJOBS_CALLBACK_KEYS and INTERNAL_JOBS_CALLBACK_URL",
+            )
+        )
+    return findings
+
+
+def check_broker(settings: Settings) -> list[Finding]:
+    url = settings.broker_url.get_secret_value()
+    shown = redact_url(url)
+    if not url.startswith(("redis://", "rediss://")):
+        return [Finding("broker", Level.OK, f"{shown} (not Redis: not inspected)")]
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy", "?")
+    except redis.ResponseError:  # CONFIG disabled (managed Redis): cannot tell
+        return [Finding("broker", Level.OK, f"{shown} reachable; eviction policy unknown")]
+    except redis.RedisError as exc:
+        return [Finding("broker", Level.FAIL, f"{shown} unreachable: {type(exc).__name__}")]
+    finally:
+        client.close()
+    if policy != "noeviction":
+        return [
+            Finding(
+                "broker",
+                Level.WARN,
+                f"{shown}: maxmemory-policy {policy} may evict queued messages; use noeviction",
+            )
+        ]
+    return [Finding("broker", Level.OK, f"{shown}, maxmemory-policy noeviction")]
+
+
+def check_database(settings: Settings) -> list[Finding]:
+    shown = redact_url(settings.conninfo())
+    jobs_db = db.JobsDB(settings.jobs_schema)
+    try:
+        with db.connect(settings.conninfo(), autocommit=True) as conn:
+            if not jobs_db.schema_installed(conn):
+                return [
+                    Finding(
+                        "database", Level.FAIL, f"{shown}: schema {settings.jobs_schema} missing"
+                    )
+                ]
+            gauges = jobs_db.queue_gauges(conn, settings.task_filter())
+    except LqJobsError as exc:
+        return [Finding("database", Level.FAIL, f"{shown}: {exc}")]
+    findings = [Finding("database", Level.OK, f"{shown}, schema {settings.jobs_schema}")]
+    if gauges.unroutable:
+        findings.append(
+            Finding(
+                "unroutable jobs",
+                Level.WARN,
+                f"{gauges.unroutable} ready jobs of tasks this deployment does not serve",
+            )
+        )
+    if gauges.failed_permanently:
+        findings.append(
+            Finding(
+                "failed jobs",
+                Level.WARN,
+                f"{gauges.failed_permanently} jobs parked after max_attempts (lqjobs status)",
+            )
+        )
+    findings.append(
+        Finding(
+            "queue",
+            Level.OK,
+            f"{gauges.ready} ready, oldest {gauges.oldest_ready_age_seconds:.0f}s",
+        )
+    )
+    return findings
+
+
+CHECKS: list[Check] = [check_settings, check_broker, check_database]
+
+
+def diagnose(settings: Settings, checks: list[Check] | None = None) -> list[Finding]:
+    return [finding for check in (checks or CHECKS) for finding in check(settings)]
+
+
+def render(findings: list[Finding]) -> str:
+    width = max(len(f.check) for f in findings)
+    return "\n".join(f"{f.level.value:<4}  {f.check:<{width}}  {f.detail}" for f in findings)
