@@ -383,6 +383,10 @@ class _HttpExecutor:
             outcome: Outcome = reply
         else:
             outcome = self._outcome(reply, task)
+            if isinstance(outcome, Done) and reply.status == 202 and invocation.callback_url:
+                # Accepted: the function (e.g. the Node job wrapper) reports through the
+                # callback URL later. Completing now would settle the job too early.
+                outcome = Deferred()
         status = None if isinstance(reply, Failed) else reply.status
         _log_outcome(self.name, invocation, outcome, status, time.monotonic() - started)
         return outcome

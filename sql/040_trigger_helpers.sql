@@ -1,8 +1,8 @@
 -- Trigger functions that application tables attach to enqueue a job when a
 -- row changes, e.g.
 --
---   CREATE TRIGGER send_welcome AFTER INSERT ON app.users
---     FOR EACH ROW EXECUTE FUNCTION app_jobs.tg_add_job_with_row_id('send_welcome');
+--   CREATE TRIGGER send-welcome AFTER INSERT ON app.users
+--     FOR EACH ROW EXECUTE FUNCTION app_jobs.tg_add_job_with_row_id('send-welcome');
 --
 -- The job's tenant (database_id) is the current database id of the session:
 --   * jwt_private.current_database_id() when that function exists (a full

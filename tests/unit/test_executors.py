@@ -688,3 +688,12 @@ def test_logs_carry_an_action_and_never_the_payload(caplog: pytest.LogCaptureFix
     for record in caplog.records:
         assert "CANARY-3" not in record.getMessage()
         assert "CANARY-3" not in repr(vars(record))
+
+
+def test_a_202_with_a_callback_url_waits_for_the_callback() -> None:
+    # The Node job wrapper answers 202 at once and reports through X-Callback-Url later:
+    # completing the job on the 202 would settle it before the work ran.
+    executor = KnativeExecutor(Recorder(202).client())
+    assert executor.invoke(invocation()) == Deferred()
+    assert executor.invoke(invocation(callback_url=None)) == Done()  # nobody to call back
+    assert KnativeExecutor(Recorder(200).client()).invoke(invocation()) == Done()
