@@ -26,10 +26,12 @@ import psycopg
 
 from lqjobs import migrate
 from lqjobs.db import JobsDB
+from lqjobs.dev import worker_argv
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 
 TENANT = "00000000-0000-0000-0000-00000000bead"
 ROOT = Path(__file__).resolve().parent.parent
+QUIET = ("--without-heartbeat", "--without-mingle", "--without-gossip")
 
 
 def add_jobs(url: str, n: int, payload: dict[str, Any] | None = None) -> None:
@@ -92,26 +94,7 @@ class Stack:
             f"log_path=Path({str(self.calls_path)!r})).start(); time.sleep(10**6)"
         )
         self._spawn("functions", [sys.executable, "-c", server])
-        self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "--pool",
-                "threads",
-                "--concurrency",
-                str(self.concurrency),
-                "--loglevel",
-                "WARNING",
-                "--without-heartbeat",
-                "--without-mingle",
-                "--without-gossip",
-            ],
-        )
+        self._spawn("worker", worker_argv(self.concurrency, "--loglevel", "WARNING", *QUIET))
         self._spawn("bridge", [sys.executable, "-m", "lqjobs", "bridge"])
 
     def _spawn(self, name: str, argv: list[str]) -> None:

@@ -13,7 +13,6 @@ Wake-ups: ``NOTIFY "jobs:insert"`` for new jobs, ``lqjobs:wake`` after a task's
 from __future__ import annotations
 
 import logging
-import random
 import re
 import secrets
 import threading
@@ -27,6 +26,7 @@ from redis.exceptions import RedisError
 
 from bridge.publisher import Publisher
 from lqjobs import db
+from lqjobs.backoff import jittered_backoff
 from lqjobs.db import Connection, JobsDB
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.metrics import Sample
@@ -163,7 +163,7 @@ class Bridge:
         # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
         self.failures += 1
         self.counters["failures"] += 1
-        delay = min(5.0, 0.1 * 2 ** min(self.failures, 6)) * random.uniform(0.5, 1.0)
+        delay = jittered_backoff(self.failures)
         log.warning(
             f"{what}; retrying",
             extra={

@@ -70,6 +70,7 @@ from lqjobs.callback_parsing import (
 from lqjobs.deadlines import DeadlineReaper, DeferredDeadlines
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.lease import Lease
+from lqjobs.metrics import Sample, counter_samples
 from lqjobs.settings import Settings
 
 POOL_TIMEOUT = 5.0
@@ -182,6 +183,11 @@ class CallbackService:
         self.pool.close()
         if self.deadlines is not None:
             self.deadlines.client.close()
+
+    def metrics(self) -> list[Sample]:
+        with self._lock:
+            counts = dict(self.counters)
+        return counter_samples("callbacks_total", "Callbacks by outcome.", counts)
 
     def _count(self, result: str) -> None:
         with self._lock:

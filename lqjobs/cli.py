@@ -19,6 +19,7 @@ import click
 
 from lqjobs import db, migrate
 from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
+from lqjobs.metrics import serve
 from lqjobs.settings import Settings, load_settings, redact_url
 
 EXIT_OK = 0
@@ -246,11 +247,7 @@ def bridge_command(ctx: Context, batch_size: int) -> None:
     bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: bridge.stop())
-    metrics = None
-    if settings.metrics_port is not None:  # LQJOBS_METRICS_PORT
-        from lqjobs.metrics import MetricsServer
-
-        metrics = MetricsServer("0.0.0.0", settings.metrics_port, bridge.metrics).start()
+    metrics = serve(settings.metrics_port, bridge.metrics)  # LQJOBS_METRICS_PORT
     try:
         bridge.run_forever()
     finally:
@@ -340,7 +337,12 @@ def callback_command(ctx: Context, host: str | None, port: int | None) -> None:
     server = build_server(settings, host=host, port=port)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
-    server.run_forever()
+    metrics = serve(settings.metrics_port, server.service.metrics)  # LQJOBS_METRICS_PORT
+    try:
+        server.run_forever()
+    finally:
+        if metrics is not None:
+            metrics.stop()
 
 
 @main.command("dev")

@@ -93,6 +93,23 @@ def reachable_data_dir(wanted: Path, out: TextIO) -> Path:
     return fallback
 
 
+def worker_argv(concurrency: int, *options: str) -> list[str]:
+    """``celery -A tasks worker`` with the thread pool, right for HTTP-bound jobs."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks",
+        "worker",
+        "--pool",
+        "threads",
+        "--concurrency",
+        str(concurrency),
+        *options,
+    ]
+
+
 class Stack:
     """The child processes, each logging to ``<data-dir>/logs/<role>.log``."""
 
@@ -112,22 +129,7 @@ class Stack:
                 "--port",
                 str(self.ports["functions"]),
             ],
-            "worker": [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "tasks",
-                "worker",
-                "--pool",
-                "threads",
-                "--concurrency",
-                "8",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                "dev@%h",
-            ],
+            "worker": worker_argv(8, "--loglevel", "INFO", "--hostname", "dev@%h"),
             "callback": [python, "-m", "lqjobs", "callback"],
             "scheduler": [python, "-m", "lqjobs", "scheduler"],
             "bridge": [python, "-m", "lqjobs", "bridge"],

@@ -8,7 +8,7 @@ outcomes per task name come from Flower's own ``/metrics``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -21,6 +21,21 @@ class Sample:
     help: str
     value: float
     labels: tuple[tuple[str, str], ...] = ()
+
+
+def counter_samples(
+    name: str, help: str, counts: Mapping[str, int], label: str = "result"
+) -> list[Sample]:
+    """One sample per key of ``counts`` (e.g. per task result), as a labelled counter."""
+    return [
+        Sample(name, "counter", help, float(value), ((label, key),))
+        for key, value in sorted(counts.items())
+    ]
+
+
+def serve(port: int | None, collect: Callable[[], Iterable[Sample]]) -> MetricsServer | None:
+    """Start an endpoint on ``port`` (LQJOBS_METRICS_PORT) if one is configured."""
+    return None if port is None else MetricsServer("0.0.0.0", port, collect).start()
 
 
 def render(samples: Iterable[Sample]) -> str:

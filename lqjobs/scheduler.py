@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import random
 import re
 import threading
 import time
@@ -38,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lqjobs import db
+from lqjobs.backoff import jittered_backoff
 from lqjobs.db import Connection, JobsDB
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from lqjobs.logs import clean_text
@@ -336,7 +336,7 @@ class Scheduler:
         # Timers stay armed: the rows stay locked by this id while the database is away.
         self.failures += 1
         self.counters["failures"] += 1
-        delay = min(5.0, 0.1 * 2 ** min(self.failures, 6)) * random.uniform(0.5, 1.0)
+        delay = jittered_backoff(self.failures)
         log.warning(
             "database call failed; retrying",
             extra={

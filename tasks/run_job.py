@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -46,6 +47,7 @@ from lqjobs.executors import (
     make_http_client,
 )
 from lqjobs.lease import Lease
+from lqjobs.metrics import MetricsServer, Sample, counter_samples, serve
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
@@ -104,6 +106,9 @@ class JobRunner:
         self.marks = marks
         self.deadlines = deadlines
         self.job_expiry = timedelta(seconds=settings.job_expiry)
+        self.results: Counter[str] = Counter()
+        self._counter_lock = threading.Lock()
+        self.metrics_server: MetricsServer | None = None
         self.http_client: httpx.Client | None = None  # owned here when build_runner made it
         self.callback_keys = (
             tokens.CallbackKeys.parse(settings.callback_keys.get_secret_value())
@@ -112,6 +117,21 @@ class JobRunner:
         )
 
     def run(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
+        result = self._run_pooled(lease, task, call_id, redelivered)
+        with self._counter_lock:
+            self.results[result.value] += 1
+        return result
+
+    def metrics(self) -> list[Sample]:
+        with self._counter_lock:
+            counts = dict(self.results)
+        return counter_samples(
+            "task_results_total",
+            "Deliveries by outcome (stale = dropped without touching the row).",
+            counts,
+        )
+
+    def _run_pooled(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
         try:
             with self.pool.connection() as conn:
                 return self._run(conn, lease, task, call_id, redelivered)
@@ -226,6 +246,8 @@ class JobRunner:
 
     def close(self) -> None:
         self.pool.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.http_client is not None:
             self.http_client.close()
         if self.marks.client is not None:
@@ -264,6 +286,13 @@ def build_runner(settings: Settings) -> JobRunner:
     deadlines = DeferredDeadlines(marks_client) if marks_client is not None else None
     runner = JobRunner(settings, pool, build_router(settings, client), marks, deadlines)
     runner.http_client = client
+    try:  # one endpoint per process: a second prefork child on the same port goes without
+        runner.metrics_server = serve(settings.metrics_port, runner.metrics)
+    except OSError:
+        log.warning(
+            "metrics port in use; this worker process serves no metrics",
+            extra={"action": "metrics_port_in_use"},
+        )
     return runner
 
 

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lqjobs.dev import worker_argv
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,17 +85,8 @@ def scheduler(env: dict[str, str], logs: Path, name: str = "scheduler") -> Proce
 
 
 def worker(env: dict[str, str], logs: Path, name: str = "worker", concurrency: int = 8) -> Process:
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks",
-        "worker",
-        "--pool",
-        "threads",
-        "--concurrency",
-        str(concurrency),
+    argv = worker_argv(
+        concurrency,
         "--loglevel",
         "WARNING",
         "--hostname",
@@ -101,7 +94,7 @@ def worker(env: dict[str, str], logs: Path, name: str = "worker", concurrency: i
         "--without-heartbeat",
         "--without-mingle",
         "--without-gossip",
-    ]
+    )
     return Process(name, argv, env, logs)
 
 

@@ -8,6 +8,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
+from uuid import UUID
 
 import psycopg
 import redis
@@ -15,6 +16,7 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from bridge import Bridge, CeleryPublisher
+from lqjobs.db import JobsDB
 from lqjobs.embedded import wait_until
 from lqjobs.settings import Settings
 from tasks.app import create_app
@@ -79,6 +81,21 @@ def stack(settings: Settings, concurrency: int = 8) -> Iterator[Bridge]:
     app = create_app(settings)
     with worker(app, concurrency), bridge(settings, app) as running:
         yield running
+
+
+TENANT = UUID("11111111-2222-3333-4444-555555555555")
+
+
+def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any) -> list[int]:
+    """Enqueue ``n`` jobs in one transaction; payload ``{"i": index}`` unless given."""
+    jobs_db = JobsDB()
+    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
+        return [
+            jobs_db.add_job(
+                conn, TENANT, task, {"i": i} if payload is None else payload, **kwargs
+            ).id
+            for i in range(n)
+        ]
 
 
 def count(db_url: str, where: str = "true") -> int:

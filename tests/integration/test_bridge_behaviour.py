@@ -8,38 +8,32 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
 
 from bridge import Bridge, CeleryPublisher
-from lqjobs.db import JobsDB
 from lqjobs.embedded import free_port, wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import handlers
 from tasks.app import create_app
-from tests.stack import bridge, count, flush_broker, make_settings, stack, wait_for_empty_queue
+from tests.stack import (
+    add_jobs,
+    bridge,
+    count,
+    flush_broker,
+    make_settings,
+    stack,
+    wait_for_empty_queue,
+)
 
 pytestmark = pytest.mark.integration
-TENANT = UUID("11111111-2222-3333-4444-555555555555")
 
 
 @pytest.fixture
 def functions() -> Iterator[FunctionServer]:
     with FunctionServer() as server:
         yield server
-
-
-def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any) -> list[int]:
-    jobs_db = JobsDB()
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        return [
-            jobs_db.add_job(
-                conn, TENANT, task, {"i": i} if payload is None else payload, **kwargs
-            ).id
-            for i in range(n)
-        ]
 
 
 def knative(db_url: str, redis_url: str, functions: FunctionServer, **extra: Any) -> Any:

@@ -6,31 +6,20 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
 
-from lqjobs.db import JobsDB
 from lqjobs.example_functions import FunctionServer
-from tests.stack import count, make_settings, stack, wait_for_empty_queue
+from tests.stack import TENANT, add_jobs, count, make_settings, stack, wait_for_empty_queue
 
 pytestmark = pytest.mark.integration
-TENANT = UUID("11111111-2222-3333-4444-555555555555")
 
 
 @pytest.fixture
 def functions() -> Iterator[FunctionServer]:
     with FunctionServer() as server:
         yield server
-
-
-def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any) -> list[int]:
-    jobs_db = JobsDB()
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        return [
-            jobs_db.add_job(conn, TENANT, task, payload or {"i": i}, **kwargs).id for i in range(n)
-        ]
 
 
 def knative(functions: FunctionServer) -> dict[str, Any]:

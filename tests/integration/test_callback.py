@@ -31,6 +31,7 @@ from lqjobs.db import JobsDB
 from lqjobs.deadlines import DeferredDeadlines
 from lqjobs.embedded import wait_until
 from lqjobs.lease import Lease
+from lqjobs.metrics import render
 from lqjobs.settings import Settings
 from tests.processes import Process, environment
 from tests.stack import flush_broker, make_settings
@@ -163,6 +164,7 @@ def test_a_duplicate_is_already_settled_and_writes_nothing(
     # A success after a failure would, unfenced, delete the job waiting for its retry.
     assert snapshot(conn) == before
     assert server.service.counters["already_settled"] == 3
+    assert 'lqjobs_callbacks_total{result="already_settled"} 3' in render(server.service.metrics())
 
 
 def test_concurrent_duplicates_settle_once(server: CallbackServer, conn: Conn) -> None:

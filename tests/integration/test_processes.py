@@ -10,20 +10,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-from uuid import UUID
 
 import psycopg
 import pytest
 
-from lqjobs.db import JobsDB
 from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
 from tests import processes
-from tests.stack import count, flush_broker
+from tests.stack import add_jobs, count, flush_broker
 
 pytestmark = pytest.mark.integration
-TENANT = UUID("11111111-2222-3333-4444-555555555555")
 
 
 @pytest.fixture
@@ -40,12 +36,6 @@ def env(db_url: str, redis_url: str, functions: FunctionServer) -> dict[str, str
     )
 
 
-def add_jobs(db_url: str, n: int, payload: Any = None) -> list[int]:
-    jobs_db = JobsDB()
-    with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
-        return [jobs_db.add_job(conn, TENANT, "noop", payload or {"i": i}).id for i in range(n)]
-
-
 def called_once_each(functions: FunctionServer, job_ids: list[int]) -> bool:
     per_job = Counter(call.job_id for call in functions.calls.all() if call.status == 200)
     return set(per_job) == set(job_ids) and max(per_job.values()) == 1
@@ -54,7 +44,7 @@ def called_once_each(functions: FunctionServer, job_ids: list[int]) -> bool:
 def test_two_bridges_and_two_workers_never_run_a_job_twice(
     db_url: str, env: dict[str, str], functions: FunctionServer, tmp_path: Path
 ) -> None:
-    job_ids = add_jobs(db_url, 1000)
+    job_ids = add_jobs(db_url, "noop", 1000)
     env = env | {"LQJOBS_MAX_IN_FLIGHT": "40"}
     with processes.running(
         processes.worker(env, tmp_path, "worker-a", 4),
@@ -71,7 +61,7 @@ def test_two_bridges_and_two_workers_never_run_a_job_twice(
 def test_sigterm_mid_stream_loses_nothing_and_leaves_nothing_locked(
     db_url: str, env: dict[str, str], functions: FunctionServer, tmp_path: Path
 ) -> None:
-    job_ids = add_jobs(db_url, 600, {"sleep": 0.01})
+    job_ids = add_jobs(db_url, "noop", 600, {"sleep": 0.01})
     with processes.running(processes.worker(env, tmp_path, "worker", 8)):
         first = processes.bridge(env, tmp_path, "bridge-1")
         wait_until(lambda: len(functions.calls) >= 50, 30, "the first calls")

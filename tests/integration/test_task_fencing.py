@@ -20,6 +20,7 @@ from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import build_router
 from lqjobs.lease import Lease
+from lqjobs.metrics import render
 from tasks.run_job import JobRunner, Result, StartedMarks
 from tests.stack import make_settings
 
@@ -97,6 +98,9 @@ def test_a_delivery_for_an_old_lease_is_dropped_untouched(
     assert len(functions.calls) == 0
     assert runner.run(lease, "noop", "call-2", redelivered=False) is Result.COMPLETED
     assert row(conn, lease.job_id) is None
+    text = render(runner.metrics())
+    assert 'lqjobs_task_results_total{result="stale"} 4' in text
+    assert 'lqjobs_task_results_total{result="completed"} 1' in text
 
 
 def test_two_deliveries_of_one_lease_never_overlap(

@@ -1,0 +1,11 @@
+"""The retry delay every long-running lqjobs loop uses after a failed pass."""
+
+from __future__ import annotations
+
+import random
+
+
+def jittered_backoff(failures: int, base: float = 0.1, cap: float = 5.0) -> float:
+    """Exponential in consecutive failures, capped, with jitter so that many
+    processes that lost the same database do not come back in lockstep."""
+    return min(cap, base * 2.0 ** min(failures, 6)) * random.uniform(0.5, 1.0)
