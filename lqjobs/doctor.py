@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 
@@ -134,7 +135,33 @@ def check_database(settings: Settings) -> list[Finding]:
     return findings
 
 
-CHECKS: list[Check] = [check_settings, check_broker, check_database]
+def check_schedules(settings: Settings) -> list[Finding]:
+    """Scheduled jobs that may never fire again (see ``lqjobs schedules``)."""
+    from lqjobs import schedule_report
+    from lqjobs.scheduler import APPLICATION_NAME_PREFIX
+
+    try:
+        with db.connect(settings.conninfo(), autocommit=True) as conn:
+            statuses = db.JobsDB(settings.jobs_schema).scheduled_job_overview(
+                conn, APPLICATION_NAME_PREFIX
+            )
+    except LqJobsError as exc:
+        return [Finding("schedules", Level.FAIL, str(exc))]
+    items = schedule_report.reports(statuses, datetime.now(UTC), grace=60.0)
+    flagged = [item for item in items if item.flags]
+    if not flagged:
+        return [Finding("schedules", Level.OK, f"{len(items)} scheduled jobs, none stuck")]
+    return [
+        Finding(
+            "schedules",
+            Level.WARN,
+            f"scheduled job {item.id} ({item.task}): {', '.join(item.flags)}",
+        )
+        for item in flagged
+    ]
+
+
+CHECKS: list[Check] = [check_settings, check_broker, check_database, check_schedules]
 
 
 def diagnose(settings: Settings, checks: list[Check] | None = None) -> list[Finding]:

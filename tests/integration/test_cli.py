@@ -127,6 +127,15 @@ def test_doctor_reports_at_a_glance(db_url: str, redis_url: str) -> None:
     assert any(line.startswith("ok") and "timeout ladder" in line for line in lines)
     assert any(line.startswith("ok") and "noeviction" in line for line in lines)
     assert any(line.startswith("warn") and "1 ready jobs of tasks" in line for line in lines)
+    assert any(line.startswith("ok") and "0 scheduled jobs, none stuck" in line for line in lines)
+    with psycopg.connect(db_url, autocommit=True) as conn:  # a schedule that cannot parse
+        conn.execute(
+            "SELECT app_jobs.add_scheduled_job('00000000-0000-0000-0000-000000000001'::uuid, "
+            "'report', '{}'::json, '{\"rule\": \"not a cron\"}'::json)"
+        )
+    flagged = run("--database-url", db_url, "doctor", env=env)
+    assert flagged.exit_code == 0
+    assert "warn  schedules" in flagged.output and "invalid" in flagged.output
     broken = run(
         "--database-url",
         db_url,
