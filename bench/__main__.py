@@ -70,7 +70,10 @@ def sql_drain(url: str, n: int, connections: int) -> float:
 class Stack:
     """Function server, Celery worker and bridge, each a real process."""
 
-    def __init__(self, db_url: str, redis_url: str, folder: Path, concurrency: int) -> None:
+    def __init__(
+        self, db_url: str, redis_url: str, folder: Path, concurrency: int, workers: int = 1
+    ) -> None:
+        self.workers = workers
         self.calls_path = folder / "calls.jsonl"
         self.port = free_port()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("LQJOBS_", "JOBS_"))}
@@ -94,7 +97,13 @@ class Stack:
             f"log_path=Path({str(self.calls_path)!r})).start(); time.sleep(10**6)"
         )
         self._spawn("functions", [sys.executable, "-c", server])
-        self._spawn("worker", worker_argv(self.concurrency, "--loglevel", "WARNING", *QUIET))
+        for n in range(self.workers):  # one process per core: a worker's threads share a GIL
+            self._spawn(
+                f"worker-{n}",
+                worker_argv(
+                    self.concurrency, "--loglevel", "WARNING", "--hostname", f"bench{n}@%h", *QUIET
+                ),
+            )
         self._spawn("bridge", [sys.executable, "-m", "lqjobs", "bridge"])
 
     def _spawn(self, name: str, argv: list[str]) -> None:
@@ -158,7 +167,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=16, help="threads per worker")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lqjobs-bench-"))
     folder.chmod(0o755)
@@ -170,12 +180,12 @@ def main() -> None:
         migrate.migrate(pg.url)
         print(
             f"lqjobs bench: {args.jobs} jobs, {args.runs} runs, worker threads "
-            f"{args.concurrency}, Postgres fsync on, logs in {folder}",
+            f"{args.concurrency} x {args.workers} processes, Postgres fsync on, logs in {folder}",
             flush=True,
         )
         sql1 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 1))
         sql8 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8))
-        stack = Stack(pg.url, redis.url, folder, args.concurrency)
+        stack = Stack(pg.url, redis.url, folder, args.concurrency, args.workers)
         stack.start()
         try:
             end_to_end(stack, pg.url, 200, None)  # warm-up: imports, pools, connections
