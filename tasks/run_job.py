@@ -80,12 +80,27 @@ class StartedMarks:
     def _key(lease: Lease) -> str:
         return f"lqjobs:started:{lease.task_id()}"
 
+    # Best effort: without Redis a lost worker's redelivery may call the function a
+    # second time (at-least-once), but an exception here would strand the job.
+
     def mark(self, lease: Lease) -> None:
-        if self.client is not None:
+        if self.client is None:
+            return
+        try:
             self.client.set(self._key(lease), b"1", ex=self.ttl)
+        except redis.RedisError:
+            log.warning(
+                "could not mark the call as started",
+                extra={"action": "start_mark_failed", "job_id": lease.job_id},
+            )
 
     def was_started(self, lease: Lease) -> bool:
-        return self.client is not None and bool(self.client.exists(self._key(lease)))
+        if self.client is None:
+            return False
+        try:
+            return bool(self.client.exists(self._key(lease)))
+        except redis.RedisError:
+            return False
 
 
 class JobRunner:

@@ -229,3 +229,18 @@ def test_a_lost_database_after_a_successful_call_retries_only_the_bookkeeping(
     assert runner.run(lease, "noop", "call-1", redelivered=False) is Result.COMPLETED
     assert executor.calls == 1  # the function was not called again
     assert row(conn, lease.job_id) is None  # and the job is settled
+
+
+def test_an_unreachable_marks_store_never_strands_the_job(
+    db_url: str, conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    import redis
+
+    from lqjobs.embedded import free_port
+
+    dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
+    runner.marks = StartedMarks(dead, timedelta(minutes=1))
+    lease = lock_job(conn, "noop", {})
+    assert runner.run(lease, "noop", "call-1", redelivered=True) is Result.COMPLETED
+    assert len(functions.calls.calls_for(lease.job_id)) == 1
+    dead.close()
