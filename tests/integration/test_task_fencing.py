@@ -154,9 +154,21 @@ def test_a_redelivery_that_never_started_runs_normally(
     assert len(functions.calls.calls_for(lease.job_id)) == 1
 
 
+@pytest.mark.parametrize("fenced", [True, False], ids=["fenced", "negative-control"])
 def test_an_outcome_for_a_re_leased_job_is_not_written(
-    db_url: str, conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+    db_url: str,
+    conn: psycopg.Connection[Any],
+    runner: JobRunner,
+    functions: FunctionServer,
+    monkeypatch: pytest.MonkeyPatch,
+    fenced: bool,
 ) -> None:
+    if not fenced:  # what complete_job alone does: delete by id, whoever holds the job
+        monkeypatch.setattr(
+            JobsDB,
+            "fenced_complete",
+            lambda self, c, lease: bool(self.complete_job(c, lease.worker_id, lease.job_id)),
+        )
     lease = lock_job(conn, "slow", {"sleep": 0.5})
     done: list[Result] = []
     call = threading.Thread(
@@ -172,6 +184,9 @@ def test_an_outcome_for_a_re_leased_job_is_not_written(
     relocked = JobsDB().get_job(conn, "bridge-other-0000", None, timedelta(minutes=5))
     assert relocked is not None and relocked.id == lease.job_id
     call.join(10)
+    if not fenced:  # the oracle sees the bug: the new attempt's job is gone
+        assert done == [Result.COMPLETED] and row(conn, lease.job_id) is None
+        return
     assert done == [Result.STALE]
     attempts, locked_by, _ = row(conn, lease.job_id)  # type: ignore[misc]
     assert (attempts, locked_by) == (2, "bridge-other-0000")  # the new lease is intact
@@ -244,3 +259,48 @@ def test_an_unreachable_marks_store_never_strands_the_job(
     assert runner.run(lease, "noop", "call-1", redelivered=True) is Result.COMPLETED
     assert len(functions.calls.calls_for(lease.job_id)) == 1
     dead.close()
+
+
+def run_two_deliveries_at_once(runner: JobRunner, lease: Lease) -> list[Result]:
+    results: list[Result] = []
+    threads = [
+        threading.Thread(
+            target=lambda n=n: results.append(
+                runner.run(lease, "slow", f"call-{n}", redelivered=False)
+            )
+        )
+        for n in range(2)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    return results
+
+
+def overlapping(calls: list[Any]) -> bool:
+    first, *rest = sorted(calls, key=lambda c: c.started)
+    return any(other.started < first.ended for other in rest)
+
+
+@pytest.mark.parametrize("protected", [True, False], ids=["advisory-lock", "negative-control"])
+def test_duplicate_deliveries_overlap_only_without_the_advisory_lock(
+    conn: psycopg.Connection[Any],
+    runner: JobRunner,
+    functions: FunctionServer,
+    monkeypatch: pytest.MonkeyPatch,
+    protected: bool,
+) -> None:
+    if not protected:  # switch the protection off: every delivery "gets" the lock
+        real = JobsDB.preflight
+        monkeypatch.setattr(
+            JobsDB, "preflight", lambda self, c, lease: (real(self, c, lease)[0], True)
+        )
+    lease = lock_job(conn, "slow", {"sleep": 0.5})
+    results = run_two_deliveries_at_once(runner, lease)
+    calls = functions.calls.calls_for(lease.job_id)
+    if protected:
+        assert sorted(r.value for r in results) == ["busy", "completed"]
+        assert len(calls) == 1
+    else:  # the oracle sees the bug this protection prevents
+        assert len(calls) == 2 and overlapping(calls)
