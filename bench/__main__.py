@@ -19,10 +19,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from redis import Redis
 
 from lqjobs import migrate
 from lqjobs.db import JobsDB
@@ -153,6 +155,69 @@ def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
     return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
 
 
+def delayed_latency(stack: Stack, url: str, n: int, delay: float) -> tuple[float, float]:
+    """How late after its run_at a delayed job is called (ms p50, p99): no NOTIFY comes
+    when run_at arrives, so this measures the bridge's timer."""
+    jobs_db = JobsDB()
+    due: dict[int, float] = {}
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(n):
+            wall, mono = datetime.now(UTC), time.monotonic()
+            job = jobs_db.add_job(conn, TENANT, "noop", {}, run_at=wall + timedelta(seconds=delay))
+            due[job.id] = mono + delay
+            time.sleep(0.02)
+    wait_until(lambda: remaining(url) == 0, 120, "delayed jobs to complete")
+    late = sorted(
+        (c["started"] - due[c["job_id"]]) * 1000 for c in stack.calls() if c["job_id"] in due
+    )
+    return statistics.median(late), late[int(len(late) * 0.99) - 1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
+    """The bridge alone, nobody consuming: jobs locked and published per second, and the
+    bridge's CPU milliseconds per job."""
+    env = stack.env | {"LQJOBS_MAX_IN_FLIGHT": str(n + 10), "LQJOBS_LOG_LEVEL": "INFO"}
+    log = (stack.folder / "bridge-ceiling.log").open("ab")
+    bridge = subprocess.Popen(
+        [sys.executable, "-m", "lqjobs", "bridge"],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(
+            lambda: "bridge started" in (stack.folder / "bridge-ceiling.log").read_text(),
+            60,
+            "the bridge to start",
+        )
+        cpu_before, started = cpu_seconds(bridge.pid), time.monotonic()
+        add_jobs(url, n, None)
+        wait_until(lambda: locked(url) == n, 300, f"{n} jobs dispatched")
+        elapsed, cpu = time.monotonic() - started, cpu_seconds(bridge.pid) - cpu_before
+    finally:
+        bridge.terminate()
+        bridge.wait(30)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM app_jobs.jobs")
+    redis_client = Redis.from_url(stack.env["LQJOBS_BROKER_URL"])
+    redis_client.flushdb()  # the messages nobody consumed
+    redis_client.close()
+    return n / elapsed, cpu / n * 1000
+
+
+def locked(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM app_jobs.jobs WHERE locked_by IS NOT NULL")
+        found = row.fetchone()
+    return int(found[0]) if found else 0
+
+
 def measure(runs: int, fn: Callable[[], float]) -> list[float]:
     return [fn() for _ in range(runs)]
 
@@ -186,6 +251,7 @@ def main() -> None:
         sql1 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 1))
         sql8 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8))
         stack = Stack(pg.url, redis.url, folder, args.concurrency, args.workers)
+        ceiling = [dispatch_ceiling(stack, pg.url, args.jobs) for _ in range(args.runs)]
         stack.start()
         try:
             end_to_end(stack, pg.url, 200, None)  # warm-up: imports, pools, connections
@@ -194,16 +260,32 @@ def main() -> None:
                 args.runs, lambda: end_to_end(stack, pg.url, args.jobs // 2, {"sleep": 0.05})
             )
             lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
+            late = [delayed_latency(stack, pg.url, 100, 0.5) for _ in range(args.runs)]
         finally:
             stack.stop()
         limit = statistics.median(sql8)
         print(f"{'figure':<44} {'median':>9} {'unit':<7} (min-max)       vs SQL x8")
         print(row("SQL limit: get_job+complete_job, 1 conn", sql1, "jobs/s", limit))
         print(row("SQL limit: get_job+complete_job, 8 conns", sql8, "jobs/s", limit))
+        print(
+            row(
+                "dispatch ceiling: bridge alone, no consumer",
+                [c for c, _ in ceiling],
+                "jobs/s",
+                limit,
+            )
+        )
+        print(row("bridge CPU per job (dispatch ceiling)", [ms for _, ms in ceiling], "ms", None))
         print(row("end to end, no-op function (Knative)", e2e, "jobs/s", limit))
         print(row("end to end, 50 ms function (Knative)", slow, "jobs/s", limit))
         print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
         print(row("latency add_job -> function called, p99", [p99 for _, p99 in lat], "ms", None))
+        print(
+            row("delayed job: called after its run_at, p50", [p50 for p50, _ in late], "ms", None)
+        )
+        print(
+            row("delayed job: called after its run_at, p99", [p99 for _, p99 in late], "ms", None)
+        )
     finally:
         pg.stop()
         redis.stop()
