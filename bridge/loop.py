@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from bridge.publisher import Publisher
 from lqjobs import db
-from lqjobs.backoff import jittered_backoff
+from lqjobs.backoff import pause_after_failure
 from lqjobs.db import Connection, JobsDB
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.metrics import Sample
@@ -163,18 +163,16 @@ class Bridge:
         # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
         self.failures += 1
         self.counters["failures"] += 1
-        delay = jittered_backoff(self.failures)
-        log.warning(
-            f"{what}; retrying",
-            extra={
-                "action": "bridge_backoff",
-                "worker_id": self.worker_id,
-                "error": type(exc).__name__,
-                "retry_in": round(delay, 2),
-            },
-        )
         self._close()
-        self._stopping.wait(delay)
+        pause_after_failure(
+            self._stopping,
+            self.failures,
+            log,
+            f"{what}; retrying",
+            action="bridge_backoff",
+            worker_id=self.worker_id,
+            error=type(exc).__name__,
+        )
 
     def _next_wake(self) -> float:
         if self._saturated:

@@ -37,7 +37,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lqjobs import db
-from lqjobs.backoff import jittered_backoff
+from lqjobs.backoff import pause_after_failure
 from lqjobs.db import Connection, JobsDB
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from lqjobs.logs import clean_text
@@ -336,18 +336,16 @@ class Scheduler:
         # Timers stay armed: the rows stay locked by this id while the database is away.
         self.failures += 1
         self.counters["failures"] += 1
-        delay = jittered_backoff(self.failures)
-        log.warning(
-            "database call failed; retrying",
-            extra={
-                "action": "scheduler_backoff",
-                "worker_id": self.worker_id,
-                "error": type(exc).__name__,
-                "retry_in": round(delay, 2),
-            },
-        )
         self._close()
-        self._stopping.wait(delay)
+        pause_after_failure(
+            self._stopping,
+            self.failures,
+            log,
+            "database call failed; retrying",
+            action="scheduler_backoff",
+            worker_id=self.worker_id,
+            error=type(exc).__name__,
+        )
 
     def close(self) -> None:
         """Release every scheduled job this id holds and close the connections."""
