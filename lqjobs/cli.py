@@ -19,7 +19,7 @@ import click
 
 from lqjobs import db, migrate
 from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
-from lqjobs.metrics import serve
+from lqjobs.metrics import Sample, serve
 from lqjobs.settings import Settings, load_settings, redact_url
 
 EXIT_OK = 0
@@ -218,6 +218,32 @@ def check_command(ctx: Context) -> None:
     click.echo(f"ok: {redact_url(settings.conninfo())} has schema {settings.jobs_schema}")
 
 
+def _require_tasks(settings: Settings) -> None:
+    if not settings.jobs_support_any and not settings.jobs_supported:
+        raise ConfigurationError(
+            "set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true"
+        )
+
+
+def _run_role(
+    settings: Settings,
+    run_forever: Callable[[], None],
+    stop: Callable[[], None],
+    collect: Callable[[], list[Sample]] | None = None,
+) -> None:
+    """Run one process role until SIGTERM / SIGINT, serving its metrics meanwhile."""
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop())
+    metrics = serve(settings.metrics_port, collect) if collect else None  # LQJOBS_METRICS_PORT
+    try:
+        run_forever()
+    finally:
+        if metrics is not None:
+            metrics.stop()
+
+
 @main.command("bridge")
 @click.option(
     "--batch-size",
@@ -231,28 +257,16 @@ def check_command(ctx: Context) -> None:
 def bridge_command(ctx: Context, batch_size: int) -> None:
     """Lock app_jobs jobs and hand them to Celery (env: JOBS_SUPPORTED or JOBS_SUPPORT_ANY,
     LQJOBS_BROKER_URL, LQJOBS_MAX_IN_FLIGHT, LQJOBS_JOB_EXPIRY)."""
-    import signal
-
     from bridge import Bridge, CeleryPublisher
     from lqjobs.logs import configure_logging
     from tasks.app import create_app
 
     settings = ctx.settings
     configure_logging(settings.log_level)
-    if not settings.jobs_support_any and not settings.jobs_supported:
-        raise ConfigurationError(
-            "set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true"
-        )
+    _require_tasks(settings)
     app = create_app(settings)
     bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: bridge.stop())
-    metrics = serve(settings.metrics_port, bridge.metrics)  # LQJOBS_METRICS_PORT
-    try:
-        bridge.run_forever()
-    finally:
-        if metrics is not None:
-            metrics.stop()
+    _run_role(settings, bridge.run_forever, bridge.stop, bridge.metrics)
 
 
 @main.command("scheduler")
@@ -262,21 +276,14 @@ def scheduler_command(ctx: Context) -> None:
     """Turn app_jobs.scheduled_jobs into jobs on their schedules (env: LQJOBS_SCHEDULER_ID,
     default scheduler-<HOSTNAME>; JOBS_SUPPORTED or JOBS_SUPPORT_ANY; LQJOBS_POLL_INTERVAL;
     LQJOBS_JOB_EXPIRY)."""
-    import signal
-
     from lqjobs.logs import configure_logging
     from lqjobs.scheduler import Scheduler
 
     settings = ctx.settings
     configure_logging(settings.log_level)
-    if not settings.jobs_support_any and not settings.jobs_supported:
-        raise ConfigurationError(
-            "set JOBS_SUPPORTED (comma list of tasks) or JOBS_SUPPORT_ANY=true"
-        )
+    _require_tasks(settings)
     scheduler = Scheduler(settings)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: scheduler.stop())
-    scheduler.run_forever()
+    _run_role(settings, scheduler.run_forever, scheduler.stop)
 
 
 @main.command("schedules")
@@ -327,22 +334,13 @@ def callback_command(ctx: Context, host: str | None, port: int | None) -> None:
     """Settle asynchronous functions' jobs from their callbacks, and fail those whose
     callback is overdue (env: LQJOBS_CALLBACK_KEYS, LQJOBS_CALLBACK_DEADLINE,
     LQJOBS_BROKER_URL)."""
-    import signal
-
     from lqjobs.callback import build_server
     from lqjobs.logs import configure_logging
 
     settings = ctx.settings
     configure_logging(settings.log_level)
     server = build_server(settings, host=host, port=port)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.request_stop())
-    metrics = serve(settings.metrics_port, server.service.metrics)  # LQJOBS_METRICS_PORT
-    try:
-        server.run_forever()
-    finally:
-        if metrics is not None:
-            metrics.stop()
+    _run_role(settings, server.run_forever, server.request_stop, server.service.metrics)
 
 
 @main.command("dev")

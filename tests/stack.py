@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -62,17 +62,27 @@ def worker(app: Celery, concurrency: int = 8) -> Iterator[Any]:
     app.tasks[TASK_NAME].runners.close()
 
 
+LoopT = TypeVar("LoopT")
+
+
+@contextlib.contextmanager
+def in_thread(loop: LoopT, name: str, stop_within: float) -> Iterator[LoopT]:
+    """Run ``loop.run_forever()`` in a thread; on exit ``loop.stop()`` must end it in time."""
+    thread = threading.Thread(target=loop.run_forever, name=name, daemon=True)
+    thread.start()
+    try:
+        yield loop
+    finally:
+        loop.stop()
+        thread.join(stop_within)
+        assert not thread.is_alive(), f"{name} did not stop within {stop_within:g} s"
+
+
 @contextlib.contextmanager
 def bridge(settings: Settings, app: Celery, **kwargs: Any) -> Iterator[Bridge]:
     running = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), **kwargs)
-    thread = threading.Thread(target=running.run_forever, name="bridge", daemon=True)
-    thread.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        thread.join(10)
-        assert not thread.is_alive(), "bridge did not stop within 10 s"
+    with in_thread(running, "bridge", 10) as started:
+        yield started
 
 
 @contextlib.contextmanager

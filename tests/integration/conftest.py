@@ -20,6 +20,8 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from lqjobs.embedded import wait_until
+
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 TENANT = UUID("5b720132-17d5-424d-9bcb-ee7b17c13d43")
 
@@ -203,12 +205,7 @@ def make_q() -> Callable[[psycopg.Connection[Any]], Q]:
     return Q
 
 
-def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+wait_for = wait_until  # poll a condition until a deadline; TimeoutError names ``what``
 
 
 @pytest.fixture

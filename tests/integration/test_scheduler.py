@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,6 +23,7 @@ from lqjobs.embedded import wait_until
 from lqjobs.scheduler import Scheduler
 from lqjobs.settings import Settings
 from tests.job_sink import install_sink, sunk, whole_seconds
+from tests.stack import in_thread
 
 pytestmark = pytest.mark.integration
 TENANT = UUID("11111111-2222-3333-4444-555555555555")
@@ -75,16 +75,8 @@ def allow_connections(admin_url: str, dbname: str, allow: bool) -> None:
         )
 
 
-@contextlib.contextmanager
-def running(scheduler: Scheduler) -> Iterator[Scheduler]:
-    thread = threading.Thread(target=scheduler.run_forever, name="scheduler", daemon=True)
-    thread.start()
-    try:
-        yield scheduler
-    finally:
-        scheduler.stop()
-        thread.join(5)
-        assert not thread.is_alive(), "the scheduler did not stop within 5 s"
+def running(scheduler: Scheduler) -> contextlib.AbstractContextManager[Scheduler]:
+    return in_thread(scheduler, "scheduler", 5)
 
 
 @pytest.fixture
