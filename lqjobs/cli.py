@@ -17,7 +17,7 @@ from uuid import UUID
 
 import click
 
-from lqjobs import db, migrate
+from lqjobs import db, migrate, roles
 from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
 from lqjobs.metrics import Sample, serve
 from lqjobs.settings import Settings, load_settings, redact_url
@@ -160,6 +160,45 @@ def add_job_command(
     click.echo(f"job {job.id} added: task={job.task_identifier} run_at={job.run_at.isoformat()}")
 
 
+@main.command("grant")
+@click.option(
+    "--apply",
+    "apply_now",
+    is_flag=True,
+    help="Run the SQL (one transaction) instead of printing it; needs the schema owner "
+    "with CREATEROLE, or a superuser.",
+)
+@click.option(
+    "--prefix",
+    default=roles.DEFAULT_PREFIX,
+    show_default=True,
+    help="Role names are <prefix>bridge, <prefix>worker, <prefix>callback, <prefix>scheduler "
+    "(roles are cluster-wide: give each database its own prefix).",
+)
+@click.option(
+    "--keep-public-execute",
+    is_flag=True,
+    help="Leave the queue functions executable by PUBLIC (default: revoke; add_job and "
+    "add_scheduled_job stay PUBLIC either way).",
+)
+@pass_context
+@handles_errors
+def grant_command(ctx: Context, apply_now: bool, prefix: str, keep_public_execute: bool) -> None:
+    """Create NOLOGIN roles for the bridge, worker, callback service and scheduler with
+    least privilege on the jobs schema (printed; --apply runs it). Re-running is a no-op.
+    Log in as users that are members of them (docs/roles.md)."""
+    names = roles.RoleNames.with_prefix(prefix)
+    schema = ctx.settings.jobs_schema
+    revoke_public = not keep_public_execute
+    if not apply_now:
+        click.echo(roles.grant_sql(schema, names, revoke_public=revoke_public), nl=False)
+        return
+    with db.connect(ctx.settings.conninfo()) as conn:
+        roles.apply_grants(conn, schema, names, revoke_public=revoke_public)
+    created = ", ".join(names.by_component().values())
+    click.echo(f"schema {schema}: roles {created} granted")
+
+
 @main.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_context
@@ -265,7 +304,9 @@ def bridge_command(ctx: Context, batch_size: int) -> None:
     configure_logging(settings.log_level)
     _require_tasks(settings)
     app = create_app(settings)
-    bridge = Bridge(settings, CeleryPublisher(app, settings.max_queue_wait), batch_size=batch_size)
+    bridge = Bridge(
+        settings, CeleryPublisher(app, settings.message_expiry_seconds()), batch_size=batch_size
+    )
     _run_role(settings, bridge.run_forever, bridge.stop, bridge.metrics)
 
 

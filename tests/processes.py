@@ -1,5 +1,6 @@
-"""The real CLI processes (`lqjobs bridge`, `celery -A tasks worker`) for tests that
-kill, signal or multiply them. Each writes its output to a log file under ``logs``."""
+"""The real CLI processes (`lqjobs bridge`, `lqjobs scheduler`, `lqjobs callback`,
+`celery -A tasks worker`) for tests that kill, signal or multiply them. Each writes
+its output to a log file under ``logs``."""
 
 from __future__ import annotations
 
@@ -84,11 +85,22 @@ def scheduler(env: dict[str, str], logs: Path, name: str = "scheduler") -> Proce
     return Process(name, [sys.executable, "-m", "lqjobs", "scheduler"], env, logs)
 
 
-def worker(env: dict[str, str], logs: Path, name: str = "worker", concurrency: int = 8) -> Process:
+def callback(env: dict[str, str], logs: Path, port: int, name: str = "callback") -> Process:
+    argv = [sys.executable, "-m", "lqjobs", "callback", "--host", "127.0.0.1", "--port", str(port)]
+    return Process(name, argv, env, logs)
+
+
+def worker(
+    env: dict[str, str],
+    logs: Path,
+    name: str = "worker",
+    concurrency: int = 8,
+    loglevel: str = "WARNING",
+) -> Process:
     argv = worker_argv(
         concurrency,
         "--loglevel",
-        "WARNING",
+        loglevel,
         "--hostname",
         f"{name}@%h",
         "--without-heartbeat",
