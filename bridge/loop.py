@@ -24,6 +24,7 @@ from kombu.exceptions import KombuError
 from psycopg import sql
 from redis.exceptions import RedisError
 
+from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.backoff import pause_after_failure
@@ -74,6 +75,10 @@ class Bridge:
         self._saturated = False
         self._conn: Connection | None = None
         self._listener: Connection | None = None
+        # F4: re-publishes this bridge's leases after a Redis restart (bridge/reconcile.py).
+        self.reconciler = reconcile.build(
+            settings, self.jobs_db, self.worker_id, publisher, self.counters, batch_size
+        )
 
     # -- one pass -------------------------------------------------------------
 
@@ -105,13 +110,9 @@ class Bridge:
         return len(jobs)
 
     def _lock_jobs(self, conn: Connection, limit: int) -> list[JobRow]:
-        jobs: list[JobRow] = []
-        while len(jobs) < limit:
-            job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
-            if job is None:
-                break
-            jobs.append(job)
-        return jobs
+        # Up to ``limit`` get_job calls in one statement (one round trip), stopping
+        # at the first that finds nothing, inside the caller's transaction.
+        return self.jobs_db.get_jobs(conn, self.worker_id, self.task_filter, self.job_expiry, limit)
 
     def _reject_oversized(self, conn: Connection, job: JobRow) -> bool:
         size = len(job.payload.encode())
@@ -141,14 +142,16 @@ class Bridge:
         while not self._stopping.is_set():
             try:
                 self._listen()
+                self.reconciler.check(self._work_connection())
                 self.run_once()
                 self.failures = 0
-                self._wait(self._next_wake())
+                self._wait(self.reconciler.cap_wait(self._next_wake()))
             except DatabaseError as exc:
                 self._on_failure("database unavailable", exc)
             except BROKER_ERRORS as exc:
-                self._on_failure("publish failed", exc)
+                self._on_failure("broker unavailable", exc)
         self._close()
+        self.reconciler.close()
         log.info(
             "bridge stopped",
             extra={"action": "bridge_stopped", "worker_id": self.worker_id, **dict(self.counters)},
@@ -164,6 +167,7 @@ class Bridge:
         self.failures += 1
         self.counters["failures"] += 1
         self._close()
+        self.reconciler.check_soon()  # the broker may have restarted meanwhile
         pause_after_failure(
             self._stopping,
             self.failures,
@@ -219,6 +223,16 @@ class Bridge:
                 ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
                 ("jobs_oversized_total", "oversized", "Jobs failed for a too large payload."),
                 ("bridge_failures_total", "failures", "Passes failed on the database or broker."),
+                (
+                    "jobs_republished_total",
+                    "republished",
+                    "Leases re-published after a broker restart.",
+                ),
+                (
+                    "broker_restarts_total",
+                    "broker_restarts",
+                    "Broker restarts seen (run_id changes).",
+                ),
             )
         ]
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:

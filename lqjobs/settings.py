@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
     max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
     poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
+    # Seconds between the bridge's checks for a restarted Redis (its run_id), after
+    # which it re-publishes the leases it holds (bridge/reconcile.py); 0 turns it off.
+    reconcile_interval: float = _env("LQJOBS_RECONCILE_INTERVAL", default=5.0, ge=0)
     http_connect_timeout: float = _env("LQJOBS_HTTP_CONNECT_TIMEOUT", default=5.0, gt=0)
     http_timeout: float = _env("LQJOBS_HTTP_TIMEOUT", default=30.0, gt=0)
     task_soft_time_limit: float = _env("LQJOBS_TASK_SOFT_TIME_LIMIT", default=45.0, gt=0)
@@ -142,6 +145,12 @@ class Settings(BaseSettings):
         if self.callback_deadline is not None:
             return self.callback_deadline
         return min(300.0, self.job_expiry / 2)
+
+    def message_expiry_seconds(self) -> float:
+        """How long after its publish a message may still start a call: its wait for a
+        worker slot, plus one visibility timeout for the redelivery after a lost
+        worker. The ladder keeps a call started that late inside the job's lease."""
+        return self.max_queue_wait + self.visibility_timeout
 
     def timeout_ladder_problems(self) -> list[str]:
         """Violations of T_http < T_soft < T_hard < V and V + T_hard + wait < E."""
