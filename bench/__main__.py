@@ -92,6 +92,7 @@ class Stack:
         self.concurrency = concurrency
         self.folder = folder
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
         server = (
@@ -111,9 +112,9 @@ class Stack:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.folder / f"{name}.log").open("ab")
-        self.procs.append(
-            subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        )
+        proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        self.named[name] = proc
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -195,6 +196,30 @@ def retry_latency(stack: Stack, url: str, n: int) -> tuple[float, float]:
     return statistics.median(late), late[int(len(late) * 0.99) - 1]
 
 
+def rss_mb(pid: int) -> float:
+    """Resident set size of one process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def memory_growth(
+    stack: Stack, url: str, n: int, chunk: int = 5000
+) -> dict[str, tuple[float, float]]:
+    """RSS in MB of the bridge and of each worker process before and after ``n`` no-op
+    jobs, added ``chunk`` at a time (the stack has run the other figures already)."""
+    names = ["bridge", *(f"worker-{i}" for i in range(stack.workers))]
+    before = {name: rss_mb(stack.named[name].pid) for name in names}
+    done = 0
+    while done < n:
+        size = min(chunk, n - done)
+        add_jobs(url, size, None)
+        wait_until(lambda: remaining(url) == 0, 600, f"{size} memory jobs to complete")
+        done += size
+    return {name: (before[name], rss_mb(stack.named[name].pid)) for name in names}
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -247,15 +272,24 @@ def measure(runs: int, fn: Callable[[], float]) -> list[float]:
 def row(name: str, values: list[float], unit: str, limit: float | None) -> str:
     med = statistics.median(values)
     ratio = f"{med / limit:5.2f}x" if limit else "     "
-    return f"{name:<44} {med:9.1f} {unit:<7} ({min(values):.1f}-{max(values):.1f})  {ratio}"
+    digits = 2 if abs(med) < 10 else 1  # CPU per job is a fraction of a millisecond
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return f"{name:<44} {med:9.{digits}f} {unit:<7} ({low}-{high})  {ratio}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, default=16, help="threads per worker")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes")
+    # The recommended setup for HTTP-bound work: thread pool, one process per core.
+    parser.add_argument("--concurrency", type=int, default=8, help="threads per worker")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+    parser.add_argument(
+        "--memory-jobs",
+        type=int,
+        default=100_000,
+        help="jobs for the RSS growth row (0 skips it)",
+    )
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="lqjobs-bench-"))
     folder.chmod(0o755)
@@ -267,7 +301,8 @@ def main() -> None:
         migrate.migrate(pg.url)
         print(
             f"lqjobs bench: {args.jobs} jobs, {args.runs} runs, worker threads "
-            f"{args.concurrency} x {args.workers} processes, Postgres fsync on, logs in {folder}",
+            f"{args.concurrency} x {args.workers} processes, RSS over {args.memory_jobs} jobs, "
+            f"Postgres fsync on, logs in {folder}",
             flush=True,
         )
         sql1 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 1))
@@ -284,6 +319,7 @@ def main() -> None:
             lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
             late = [delayed_latency(stack, pg.url, 100, 0.5) for _ in range(args.runs)]
             retry = [retry_latency(stack, pg.url, 50) for _ in range(args.runs)]
+            growth = memory_growth(stack, pg.url, args.memory_jobs) if args.memory_jobs else {}
         finally:
             stack.stop()
         limit = statistics.median(sql8)
@@ -311,6 +347,9 @@ def main() -> None:
         )
         print(row("retry: called after its back-off, p50", [p50 for p50, _ in retry], "ms", None))
         print(row("retry: called after its back-off, p99", [p99 for _, p99 in retry], "ms", None))
+        for name, (first, last) in growth.items():
+            label = f"RSS growth {name} ({first:.0f} -> {last:.0f} MB)"
+            print(row(label, [last - first], "MB", None))
     finally:
         pg.stop()
         redis.stop()

@@ -2,19 +2,38 @@
 
 The payload stays in Postgres (the task reads it during its lease check), so it
 never sits in Redis or shows in Flower.
+
+The bridge publishes a lot of identical-looking messages, so it builds each one
+itself instead of going through ``app.send_task`` (which resolves routes, task
+options, time zones and ``saferepr`` and fires signals for every message). The
+result is the same Celery protocol-2 task message ``send_task`` would send: the
+same headers (``task``, ``id``, ``shadow``, ``expires``, ``argsrepr``, ...),
+body and properties, published through the app's pooled kombu producer, all
+messages of a batch in one pipelined round trip. Only the per-message
+``before_task_publish`` / ``after_task_publish`` signals are not sent; a route
+that is not a plain direct queue falls back to ``send_task``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, Protocol
 
 from celery import Celery
+from celery.utils.nodenames import anon_nodename
+from kombu.entity import Queue
 
 from lqjobs.lease import Lease
 from lqjobs.models import JobRow
 from tasks.run_job import TASK_NAME
+
+# The fourth element of a protocol-2 body: no workflow around the task.
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_CONTENT_TYPE = "application/json"
+_CONTENT_ENCODING = "utf-8"
 
 
 class Publisher(Protocol):
@@ -26,8 +45,64 @@ class CeleryPublisher:
     def __init__(self, app: Celery, expires_seconds: float) -> None:
         self.app = app
         self.expires_seconds = expires_seconds  # a late delivery must not start a call
+        self._queue = _direct_queue(app)
+        self._origin = anon_nodename()
+        self._time_limits = [app.conf.task_time_limit, app.conf.task_soft_time_limit]
+        self._encode = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": ")).encode
 
     def publish(self, jobs: Sequence[JobRow]) -> None:
+        if self._queue is None:
+            self._publish_with_send_task(jobs)
+            return
+        queue = self._queue
+        expires = (self.app.now() + timedelta(seconds=self.expires_seconds)).isoformat()
+        reply_to = self.app.thread_oid
+        with self.app.producer_or_acquire() as producer, _pipelined(producer, len(jobs)):
+            producer.maybe_declare(queue)  # cached per connection: once, not per message
+            for job in jobs:
+                lease = Lease.of(job)
+                task_id = lease.task_id()
+                database_id = str(job.database_id)
+                args = lease.message_args(job.task_identifier, database_id)
+                producer.publish(
+                    self._encode([args, {}, _EMBED]),
+                    exchange="",  # Celery's "anon exchange": straight onto the queue
+                    routing_key=queue.name,
+                    content_type=_CONTENT_TYPE,
+                    content_encoding=_CONTENT_ENCODING,
+                    headers=self._headers(job, task_id, expires, lease.describe(database_id)),
+                    delivery_mode=queue.exchange.delivery_mode or 2,
+                    expiration=self.expires_seconds,
+                    correlation_id=task_id,
+                    reply_to=reply_to,
+                    retry=False,  # fail fast: the transaction rolls back, the job stays put
+                )
+
+    def _headers(self, job: JobRow, task_id: str, expires: str, argsrepr: str) -> dict[str, Any]:
+        """The protocol-2 headers, as ``app.amqp.as_task_v2`` writes them."""
+        return {
+            "lang": "py",
+            "task": TASK_NAME,
+            "id": task_id,
+            "shadow": job.task_identifier,  # Flower and logs show the job's task
+            "eta": None,
+            "expires": expires,
+            "group": None,
+            "group_index": None,
+            "retries": 0,
+            "timelimit": self._time_limits,
+            "root_id": task_id,
+            "parent_id": None,
+            "argsrepr": argsrepr,
+            "kwargsrepr": "{}",
+            "origin": self._origin,
+            "ignore_result": None,
+            "replaced_task_nesting": 0,
+            "stamped_headers": None,
+            "stamps": {},
+        }
+
+    def _publish_with_send_task(self, jobs: Sequence[JobRow]) -> None:
         with self.app.producer_or_acquire() as producer, _pipelined(producer, len(jobs)):
             for job in jobs:
                 lease = Lease.of(job)
@@ -36,11 +111,23 @@ class CeleryPublisher:
                     args=lease.message_args(job.task_identifier, str(job.database_id)),
                     argsrepr=lease.describe(str(job.database_id)),
                     task_id=lease.task_id(),
-                    shadow=job.task_identifier,  # Flower and logs show the job's task
+                    shadow=job.task_identifier,
                     expires=self.expires_seconds,
                     producer=producer,
-                    retry=False,  # fail fast: the transaction rolls back, the job stays put
+                    retry=False,
                 )
+
+
+def _direct_queue(app: Celery) -> Queue | None:
+    """The queue the task is routed to, when it is a plain direct queue (the usual
+    case, and the only one ``send_task`` publishes straight onto the queue)."""
+    route = app.amqp.router.route({}, TASK_NAME, args=(), kwargs={})
+    queue = route.get("queue")
+    if not isinstance(queue, Queue) or route.get("exchange") or route.get("routing_key"):
+        return None
+    if (queue.exchange.type or "direct") != "direct":
+        return None
+    return queue
 
 
 def _pipelined(producer: Any, size: int) -> contextlib.AbstractContextManager[Any]:

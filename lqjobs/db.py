@@ -164,7 +164,11 @@ class JobsDB:
             return _row(model, cur.fetchone())
 
     def _many(
-        self, conn: Connection, model: type[RowT], query: sql.Composed, params: Sequence[Any]
+        self,
+        conn: Connection,
+        model: type[RowT],
+        query: sql.Composed,
+        params: Sequence[Any] | dict[str, Any],
     ) -> list[RowT]:
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query, params)
@@ -193,6 +197,44 @@ class JobsDB:
             args.append(sql.SQL("%s::interval"))
             params.append(job_expiry)
         return self._one(conn, JobRow, self._call("get_job", JOB_COLUMNS, args), params)
+
+    def get_jobs(
+        self,
+        conn: Connection,
+        worker_id: str,
+        task_identifiers: Sequence[str] | None,
+        job_expiry: timedelta,
+        limit: int,
+    ) -> list[JobRow]:
+        """Up to ``limit`` jobs for ``worker_id``, in ONE statement: exactly the
+        ``get_job`` calls a loop of single calls would make, one after the other.
+
+        A recursive query calls ``get_job`` once per step and stops at the first
+        step that found nothing (or at ``limit``). Each step is a separate,
+        sequential call of the volatile function, so it sees the locks the
+        previous steps took: the jobs come back distinct, in the order the calls
+        picked them, stamped with the transaction's ``now()`` like N calls in one
+        transaction would be. It saves N-1 round trips and statement overheads."""
+        if limit < 1:
+            return []
+        call = sql.SQL(
+            "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
+        ).format(schema=self._schema)
+        query = sql.SQL(
+            "WITH RECURSIVE step(n, job) AS ("
+            "SELECT 1, {call} "
+            "UNION ALL "
+            "SELECT n + 1, {call} FROM step WHERE n < %(limit)s AND (job).id IS NOT NULL) "
+            "SELECT {columns} FROM (SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j "
+            "ORDER BY n"
+        ).format(call=call, columns=sql.SQL(JOB_COLUMNS))
+        params = {
+            "worker": worker_id,
+            "tasks": None if task_identifiers is None else list(task_identifiers),
+            "expiry": job_expiry,
+            "limit": limit,
+        }
+        return self._many(conn, JobRow, query, params)
 
     def complete_job(self, conn: Connection, worker_id: str, job_id: int) -> JobRow | None:
         """Delete the job (by id only: this SQL does not check locked_by)."""
@@ -441,24 +483,46 @@ class JobsDB:
         )
         self._void(conn, query, [job_id])
 
-    def fenced_complete(self, conn: Connection, lease: Lease) -> bool:
+    def _with_release(self, query: sql.Composed, release_advisory: bool) -> sql.Composed:
+        """``query`` (one row, one count) and, when asked, the job's advisory lock
+        released in the same statement, after the count (so after the write)."""
+        if not release_advisory:
+            return query
+        # The unlock is projected from the counted row: evaluated once that row exists.
+        return sql.SQL(
+            "SELECT s.settled, pg_advisory_unlock({ns}, {key}) FROM ({query}) AS s(settled)"
+        ).format(
+            query=query,
+            ns=sql.Literal(ADVISORY_NAMESPACE),
+            key=sql.SQL(ADVISORY_KEY.format("%(id)s::bigint")),
+        )
+
+    def fenced_complete(
+        self, conn: Connection, lease: Lease, *, release_advisory: bool = False
+    ) -> bool:
         """complete_job, only while the row is held under ``lease``. Settling a job
-        of a serial queue wakes the bridges: the queue's next job is ready now."""
+        of a serial queue wakes the bridges: the queue's next job is ready now.
+        ``release_advisory``: also release this session's advisory lock on the job."""
         query = self._lease_cte() + sql.SQL(
             ", done AS (SELECT lease.queue_name FROM lease, "
             "LATERAL {schema}.complete_job(%(worker)s, lease.id) c) "
             "SELECT count(*) FROM done "
             "WHERE queue_name IS NULL OR pg_notify({channel}, '') IS NOT NULL"
         ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
+        query = self._with_release(query, release_advisory)
         return self._count(conn, query, self._lease_params(lease)) > 0
 
-    def fenced_fail(self, conn: Connection, lease: Lease, error_message: str) -> bool:
+    def fenced_fail(
+        self, conn: Connection, lease: Lease, error_message: str, *, release_advisory: bool = False
+    ) -> bool:
         """fail_job, only while the row is held under ``lease``; the SQL backs it off.
-        Wakes the bridges so that the retry (and a serial queue's next job) runs on time."""
+        Wakes the bridges so that the retry (and a serial queue's next job) runs on time.
+        ``release_advisory``: also release this session's advisory lock on the job."""
         query = self._lease_cte() + sql.SQL(
             " SELECT count(*) FROM lease, LATERAL {schema}.fail_job(%(worker)s, lease.id, "
             "%(message)s) f WHERE pg_notify({channel}, '') IS NOT NULL"
         ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
+        query = self._with_release(query, release_advisory)
         params = self._lease_params(lease) | {"message": error_message or "unknown error"}
         return self._count(conn, query, params) > 0
 
@@ -507,6 +571,18 @@ class JobsDB:
             schema=self._schema
         )
         return self._count(conn, query, {"worker": worker_id})
+
+    def jobs_locked_by(
+        self, conn: Connection, worker_id: str, locked_within: timedelta
+    ) -> list[JobRow]:
+        """The leases ``worker_id`` holds now, as get_job handed them out (same
+        attempts and locked_at, so the same lease), locked less than ``locked_within``
+        ago by the database's clock; oldest first. For re-publishing (reconciler)."""
+        query = sql.SQL(
+            "SELECT {columns} FROM {schema}.jobs WHERE locked_by = %s "
+            "AND locked_at > now() - %s::interval ORDER BY locked_at, id"
+        ).format(columns=sql.SQL(JOB_COLUMNS), schema=self._schema)
+        return self._many(conn, JobRow, query, [worker_id, locked_within])
 
     def seconds_until_next_job(
         self, conn: Connection, task_identifiers: Sequence[str] | None, job_expiry: timedelta

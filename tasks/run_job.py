@@ -5,8 +5,11 @@ Order of events for one delivery:
    delivery is stale: acknowledged and dropped, the row untouched), and this
    worker must win the job's advisory lock (else another delivery of the same
    lease is running: try again later, never overlap);
-2. a redelivery whose call had already started (its worker died mid-call)
-   becomes a fenced ``fail_job``, not a second call;
+2. every delivery claims the start of its lease's call in Redis (``SET NX``);
+   a delivery whose lease was started already (its worker died mid-call, or the
+   message was re-published) becomes a fenced ``fail_job``, not a second call,
+   or, when that call was deferred to an asynchronous callback, is dropped
+   without a write;
 3. invoke the executor, then record the outcome with a fenced ``complete_job`` /
    ``fail_job``. Celery retries are never used for job failures: the SQL
    back-off is the only retry policy. If the database is unreachable after the
@@ -34,7 +37,9 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lqjobs import tokens
 from lqjobs.db import Connection, JobsDB
+from lqjobs.deadlines import KEY as DEFERRED_KEY
 from lqjobs.deadlines import DeferredDeadlines
+from lqjobs.deadlines import encode as deferred_member
 from lqjobs.errors import DatabaseError, DatabaseUnavailable
 from lqjobs.executors import (
     Deferred,
@@ -64,43 +69,59 @@ class Result(enum.Enum):
     STALE = "stale"  # the lease is gone: dropped, untouched
     BUSY = "busy"  # another delivery of this lease holds the job: try later
     UNAVAILABLE = "unavailable"  # the database is away before the call: try later
-    WORKER_LOST = "worker_lost"  # redelivered after its call had started: failed, not re-run
+    WORKER_LOST = "worker_lost"  # delivered again after its call had started: failed, not re-run
+    DUPLICATE = "duplicate"  # delivered again while its call awaits a callback: dropped, untouched
     UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
 
 
-class StartedMarks:
-    """Remembers in Redis which leases had their call started, so a redelivery
-    after a lost worker is told apart from one that never ran (warm shutdown)."""
+class Claim(enum.Enum):
+    """What one delivery learns from claiming the start of its lease's call."""
 
-    def __init__(self, client: redis.Redis | None, ttl: timedelta) -> None:
+    FIRST = "first"  # nobody started this lease's call before: make it
+    STARTED = "started"  # an earlier delivery started it (its worker died mid-call)
+    DEFERRED = "deferred"  # an earlier delivery started it and handed it to a callback
+
+
+class StartedMarks:
+    """Remembers in Redis which leases had their call started, so a second delivery
+    of a lease (a redelivery after a lost worker, or a re-published message) is
+    told apart from the first start of its call.
+
+    One round trip per delivery: ``SET key 1 NX EX ttl`` claims the start, and in
+    the same pipeline ``ZSCORE`` asks the deferred-deadline set whether an earlier
+    delivery handed this lease to an asynchronous callback."""
+
+    def __init__(
+        self, client: redis.Redis | None, ttl: timedelta, deferred_key: str = DEFERRED_KEY
+    ) -> None:
         self.client = client
         self.ttl = ttl
+        self.deferred_key = deferred_key
 
     @staticmethod
     def _key(lease: Lease) -> str:
         return f"lqjobs:started:{lease.task_id()}"
 
-    # Best effort: without Redis a lost worker's redelivery may call the function a
-    # second time (at-least-once), but an exception here would strand the job.
-
-    def mark(self, lease: Lease) -> None:
+    def claim(self, lease: Lease) -> Claim:
+        """Best effort: without Redis every delivery counts as the first (a lost
+        worker's redelivery may then call the function a second time, which is
+        at-least-once), because an exception here would strand the job."""
         if self.client is None:
-            return
+            return Claim.FIRST
         try:
-            self.client.set(self._key(lease), b"1", ex=self.ttl)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._key(lease), b"1", nx=True, ex=self.ttl)
+            pipe.zscore(self.deferred_key, deferred_member(lease))
+            newly_set, deferred_until = pipe.execute()
         except redis.RedisError:
             log.warning(
-                "could not mark the call as started",
-                extra={"action": "start_mark_failed", "job_id": lease.job_id},
+                "could not claim the start of the call",
+                extra={"action": "start_claim_failed", "job_id": lease.job_id},
             )
-
-    def was_started(self, lease: Lease) -> bool:
-        if self.client is None:
-            return False
-        try:
-            return bool(self.client.exists(self._key(lease)))
-        except redis.RedisError:
-            return False
+            return Claim.FIRST
+        if newly_set:
+            return Claim.FIRST
+        return Claim.STARTED if deferred_until is None else Claim.DEFERRED
 
 
 class JobRunner:
@@ -168,22 +189,37 @@ class JobRunner:
             return Result.STALE
         if not locked:
             return Result.BUSY
+        released = False
         try:
-            return self._run_locked(conn, job, lease, call_id, redelivered)
+            result, released = self._run_locked(conn, job, lease, call_id, redelivered)
+            return result
         finally:
-            self._unlock(conn, lease)
+            if not released:
+                self._unlock(conn, lease)
 
     def _run_locked(
         self, conn: Connection, job: JobRow, lease: Lease, call_id: str, redelivered: bool
-    ) -> Result:
-        if redelivered and self.marks.was_started(lease):
-            log.warning(
-                "redelivered after its worker was lost",
-                extra=_fields(lease, job.task_identifier, "worker_lost"),
+    ) -> tuple[Result, bool]:
+        """The delivery's result, and whether the advisory lock was released already
+        (by the statement that recorded the outcome)."""
+        claim = self.marks.claim(lease)
+        if claim is Claim.DEFERRED:
+            # The call was made and handed to an asynchronous callback (or its deadline
+            # reaper): this delivery is a duplicate. Acknowledged, the row untouched.
+            log.info(
+                "duplicate delivery of a deferred call dropped",
+                extra=_fields(lease, job.task_identifier, "deferred_duplicate"),
             )
-            recorded = self._record(conn, lease, Failed("worker lost during attempt"))
-            return Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded
-        self.marks.mark(lease)
+            return Result.DUPLICATE, False
+        if claim is Claim.STARTED:
+            log.warning(
+                "delivered again after its call had started: worker lost",
+                extra=_fields(lease, job.task_identifier, "worker_lost")
+                | {"redelivered": redelivered},
+            )
+            recorded, released = self._record(conn, lease, Failed("worker lost during attempt"))
+            result = Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded
+            return result, released
         outcome = self._invoke(job, lease, call_id)
         return self._record(conn, lease, outcome)
 
@@ -213,11 +249,13 @@ class JobRunner:
             return base
         return tokens.callback_url(base, tokens.sign(self.callback_keys, lease, self.job_expiry))
 
-    def _record(self, conn: Connection, lease: Lease, outcome: Outcome) -> Result:
+    def _record(self, conn: Connection, lease: Lease, outcome: Outcome) -> tuple[Result, bool]:
+        """Write the outcome on the session that holds the advisory lock, releasing the
+        lock in the same statement when it can; the result, and whether it did."""
         try:
-            return self._write(conn, lease, outcome)
-        except DatabaseUnavailable:
-            return self._record_with_retries(lease, outcome)
+            return self._write(conn, lease, outcome, release=True)
+        except DatabaseUnavailable:  # that session is gone, and its advisory lock with it
+            return self._record_with_retries(lease, outcome), True
 
     def _record_with_retries(self, lease: Lease, outcome: Outcome) -> Result:
         """The call is done; only its bookkeeping is retried, until the lease expires."""
@@ -228,7 +266,7 @@ class JobRunner:
             delay = min(delay * 2, 5.0)
             try:
                 with self.pool.connection(timeout=5) as conn:
-                    return self._write(conn, lease, outcome)
+                    return self._write(conn, lease, outcome, release=False)[0]
             except (DatabaseUnavailable, PoolTimeout):
                 continue
         log.error(
@@ -237,27 +275,38 @@ class JobRunner:
         )
         return Result.UNRECORDED
 
-    def _write(self, conn: Connection, lease: Lease, outcome: Outcome) -> Result:
+    def _write(
+        self, conn: Connection, lease: Lease, outcome: Outcome, release: bool
+    ) -> tuple[Result, bool]:
+        """``release``: this session holds the job's advisory lock; a completion or a
+        retryable failure releases it in the statement that records the outcome (one
+        round trip fewer). The row is locked by then, so a delivery that takes the
+        advisory lock next waits in its FOR SHARE preflight and finds the outcome."""
+        released = False
         if isinstance(outcome, Done):
-            settled = self.jobs_db.fenced_complete(conn, lease)
+            settled = self.jobs_db.fenced_complete(conn, lease, release_advisory=release)
+            released = release
             result = Result.COMPLETED
         elif isinstance(outcome, Deferred):
             if self.deadlines is not None:  # the callback service fails it if no callback comes
                 self.deadlines.record(lease, self.settings.callback_deadline_seconds())
-            return Result.DEFERRED
+            return Result.DEFERRED, False
         elif outcome.permanent:
             settled = self.jobs_db.fenced_fail_permanently(conn, lease, outcome.message)
             result = Result.FAILED_PERMANENTLY
         else:
-            settled = self.jobs_db.fenced_fail(conn, lease, outcome.message)
+            settled = self.jobs_db.fenced_fail(
+                conn, lease, outcome.message, release_advisory=release
+            )
+            released = release
             result = Result.FAILED
         if not settled:
             log.info(
                 "outcome dropped: lease changed during the call",
                 extra=_fields(lease, "", "stale_outcome"),
             )
-            return Result.STALE
-        return result
+            return Result.STALE, released
+        return result, released
 
     def close(self) -> None:
         self.pool.close()
@@ -298,7 +347,9 @@ def build_runner(settings: Settings) -> JobRunner:
         redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
     )
     marks = StartedMarks(marks_client, timedelta(seconds=settings.job_expiry))
-    deadlines = DeferredDeadlines(marks_client) if marks_client is not None else None
+    deadlines = (
+        DeferredDeadlines(marks_client, marks.deferred_key) if marks_client is not None else None
+    )
     runner = JobRunner(settings, pool, build_router(settings, client), marks, deadlines)
     runner.http_client = client
     try:  # one endpoint per process: a second prefork child on the same port goes without

@@ -154,3 +154,63 @@ def test_errors_are_translated_without_row_details(conn: Conn, jobs_db: db.JobsD
 def test_an_unreachable_database_is_database_unavailable(tmp_path: Any) -> None:
     with pytest.raises(DatabaseUnavailable):
         db.connect("postgresql://nobody@127.0.0.1:1/none")
+
+
+def _get_job_calls(conn: Conn) -> int:
+    """get_job calls made so far in the current transaction (track_functions on)."""
+    row = conn.execute(
+        "SELECT coalesce(pg_stat_get_xact_function_calls("
+        "'app_jobs.get_job(text, text[], interval)'::regprocedure), 0)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def queues(conn: Conn) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT queue_name, locked_by FROM app_jobs.job_queues").fetchall()
+
+
+def test_get_jobs_is_the_same_as_get_job_called_n_times(conn: Conn, jobs_db: db.JobsDB) -> None:
+    """One statement, but exactly the calls a loop makes: same jobs, same order, one
+    attempt each, serial queues honoured, and it stops at the first empty call."""
+    past = datetime.now(UTC) - timedelta(hours=1)
+    for i in range(9):
+        jobs_db.add_job(
+            conn,
+            TENANT,
+            "skipped" if i == 4 else "batched",
+            {"i": i},
+            priority=(i * 3) % 4,
+            queue_name="serial" if i in (1, 2, 6) else None,
+            run_at=past + timedelta(minutes=i % 3),
+        )
+    expiry, tasks = timedelta(minutes=5), ["batched"]
+    conn.execute("SET track_functions = 'pl'")
+
+    def one_by_one(limit: int) -> list[JobRow]:
+        found: list[JobRow] = []
+        while len(found) < limit and (job := jobs_db.get_job(conn, WORKER, tasks, expiry)):
+            found.append(job)
+        return found
+
+    for limit in (3, 50):
+        with conn.transaction(force_rollback=True):
+            looped = one_by_one(limit)
+            looped_queues = queues(conn)
+        with conn.transaction(force_rollback=True):
+            before = _get_job_calls(conn)
+            batched = jobs_db.get_jobs(conn, WORKER, tasks, expiry, limit)
+            calls = _get_job_calls(conn) - before
+            batched_queues = queues(conn)
+            stamp = conn.execute("SELECT now()").fetchone()
+        strip = [(j.id, j.attempts, j.locked_by) for j in looped]
+        assert [(j.id, j.attempts, j.locked_by) for j in batched] == strip
+        assert len({j.id for j in batched}) == len(batched)
+        assert {j.locked_at for j in batched} == {stamp[0] if stamp else None}
+        assert batched_queues == looped_queues  # the serial queue: held the same way
+        if limit == 3:
+            assert (len(batched), calls) == (3, 3)
+        else:  # 8 due jobs of the task, but the serial queue gives only one of its three
+            assert (len(batched), calls) == (6, 7)  # the 7th call found nothing
+            assert batched_queues == [("serial", WORKER)]
+    assert jobs_db.get_jobs(conn, WORKER, tasks, expiry, 0) == []

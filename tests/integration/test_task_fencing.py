@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import httpx
 import psycopg
@@ -21,7 +21,7 @@ from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import build_router
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
-from tasks.run_job import JobRunner, Result, StartedMarks
+from tasks.run_job import Claim, JobRunner, Result, StartedMarks
 from tests.stack import make_settings
 
 pytestmark = pytest.mark.integration
@@ -36,11 +36,11 @@ class MemoryMarks(StartedMarks):
         super().__init__(None, timedelta(minutes=1))
         self.started: set[str] = set()
 
-    def mark(self, lease: Lease) -> None:
+    def claim(self, lease: Lease) -> Claim:
+        if lease.task_id() in self.started:
+            return Claim.STARTED
         self.started.add(lease.task_id())
-
-    def was_started(self, lease: Lease) -> bool:
-        return lease.task_id() in self.started
+        return Claim.FIRST
 
 
 @pytest.fixture
@@ -139,7 +139,7 @@ def test_a_redelivery_after_a_lost_worker_is_failed_not_rerun(
     conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
 ) -> None:
     lease = lock_job(conn, "noop", {})
-    runner.marks.mark(lease)  # the lost worker had started the call
+    runner.marks.claim(lease)  # the lost worker had started the call
     assert runner.run(lease, "noop", "call-2", redelivered=True) is Result.WORKER_LOST
     attempts, locked_by, error = row(conn, lease.job_id)  # type: ignore[misc]
     assert (attempts, locked_by, error) == (1, None, "worker lost during attempt")
@@ -164,11 +164,14 @@ def test_an_outcome_for_a_re_leased_job_is_not_written(
     fenced: bool,
 ) -> None:
     if not fenced:  # what complete_job alone does: delete by id, whoever holds the job
-        monkeypatch.setattr(
-            JobsDB,
-            "fenced_complete",
-            lambda self, c, lease: bool(self.complete_job(c, lease.worker_id, lease.job_id)),
-        )
+
+        def unfenced(self: JobsDB, c: Connection, lease: Lease, release_advisory: bool) -> bool:
+            done = self.complete_job(c, lease.worker_id, lease.job_id)
+            if release_advisory:
+                self.release_advisory(c, lease.job_id)
+            return done is not None
+
+        monkeypatch.setattr(JobsDB, "fenced_complete", unfenced)
     lease = lock_job(conn, "slow", {"sleep": 0.5})
     done: list[Result] = []
     call = threading.Thread(
@@ -296,6 +299,9 @@ def test_duplicate_deliveries_overlap_only_without_the_advisory_lock(
         monkeypatch.setattr(
             JobsDB, "preflight", lambda self, c, lease: (real(self, c, lease)[0], True)
         )
+        # ... with the start marks unavailable too (best effort: Redis down), so the
+        # advisory lock is the only protection left to switch off.
+        runner.marks = StartedMarks(None, timedelta(minutes=1))
     lease = lock_job(conn, "slow", {"sleep": 0.5})
     results = run_two_deliveries_at_once(runner, lease)
     calls = functions.calls.calls_for(lease.job_id)
@@ -304,3 +310,87 @@ def test_duplicate_deliveries_overlap_only_without_the_advisory_lock(
         assert len(calls) == 1
     else:  # the oracle sees the bug this protection prevents
         assert len(calls) == 2 and overlapping(calls)
+
+
+class DefersItsCall:
+    """An executor that hands every call to an asynchronous callback."""
+
+    name = "defers"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def invoke(self, invocation: Any) -> Any:
+        from lqjobs.executors import Deferred
+
+        self.calls += 1
+        return Deferred()
+
+
+@pytest.fixture
+def redis_marks(redis_url: str, runner: JobRunner) -> Iterator[Any]:
+    """The runner with its real Redis start marks and deferred-deadline set (a set
+    of its own, so that no callback service of another test reaps it)."""
+    import redis
+
+    from lqjobs.deadlines import DeferredDeadlines
+
+    client = redis.Redis.from_url(redis_url)
+    key = f"lqjobs:deferred:test-{uuid4().hex}"
+    runner.marks = StartedMarks(client, timedelta(minutes=1), deferred_key=key)
+    runner.deadlines = DeferredDeadlines(client, key)
+    yield client
+    client.delete(key)
+    client.close()
+
+
+def advisory_locks(conn: psycopg.Connection[Any]) -> int:
+    found = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+    return int(found[0]) if found else 0
+
+
+@pytest.mark.parametrize("redelivered", [True, False], ids=["redelivered", "re-published"])
+def test_a_started_deferred_lease_delivered_again_is_dropped_without_a_write(
+    conn: psycopg.Connection[Any], runner: JobRunner, redis_marks: Any, redelivered: bool
+) -> None:
+    lease = lock_job(conn, "async-fn", {})
+    executor = DefersItsCall()
+    runner.router.for_task = lambda _task: executor  # type: ignore[method-assign]
+    assert runner.run(lease, "async-fn", "call-1", redelivered=False) is Result.DEFERRED
+    held = row(conn, lease.job_id)
+    assert held is not None and held[1] == WORKER  # locked until its callback comes
+    # The worker's message comes back (or the reconciler re-publishes the lease).
+    assert runner.run(lease, "async-fn", "call-2", redelivered=redelivered) is Result.DUPLICATE
+    assert executor.calls == 1  # not called again
+    assert row(conn, lease.job_id) == held  # and the row untouched: no fail_job
+    assert advisory_locks(conn) == 0
+    assert 'lqjobs_task_results_total{result="duplicate"} 1' in render(runner.metrics())
+
+
+def test_a_re_published_lease_whose_call_started_is_failed_not_rerun(
+    conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer, redis_marks: Any
+) -> None:
+    """Every delivery claims the start (SET NX), not only a redelivered one: a second
+    message for a started, not deferred lease is a lost call, failed under the lease."""
+    lease = lock_job(conn, "noop", {})
+    key = f"lqjobs:started:{lease.task_id()}"
+    assert runner.marks.claim(lease) is Claim.FIRST  # the lost worker's delivery
+    assert 0 < redis_marks.ttl(key) <= 60  # the claim expires with the lease
+    assert runner.marks.claim(lease) is Claim.STARTED
+    assert runner.run(lease, "noop", "call-2", redelivered=False) is Result.WORKER_LOST
+    assert row(conn, lease.job_id) == (1, None, "worker lost during attempt")
+    assert len(functions.calls) == 0
+    assert advisory_locks(conn) == 0
+
+
+def test_each_outcome_statement_releases_the_advisory_lock(
+    conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
+) -> None:
+    for task, payload, expected in (
+        ("noop", {}, Result.COMPLETED),
+        ("broken", {"status": 503}, Result.FAILED),
+        ("broken", {"status": 400}, Result.FAILED_PERMANENTLY),
+    ):
+        lease = lock_job(conn, task, payload)
+        assert runner.run(lease, task, "call-1", redelivered=False) is expected
+        assert advisory_locks(conn) == 0, expected
