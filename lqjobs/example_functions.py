@@ -26,6 +26,9 @@ given as ``FunctionServer(tasks={"slow": {"sleep": 1}})``:
 ``unreachable``: bool  sync: drop the connection unanswered; async: the queue-worker could not
                        reach the function and posts a 503 callback without function headers
 ``drop_callback``: bool  async: run the function but never post the callback
+``callback_copies``: int  async: post the callback this many times (a retrying proxy)
+``callback_delay``: seconds  async: wait this long before posting the callback
+``late_calls``: int       async: only the first N calls of a job wait ``callback_delay`` (0: all)
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class Behaviour:
     hang: bool = False
     unreachable: bool = False
     drop_callback: bool = False
+    callback_copies: int = 1
+    callback_delay: float = 0.0
+    late_calls: int = 0
 
     @classmethod
     def from_options(cls, *layers: Mapping[str, Any]) -> Behaviour:
@@ -260,7 +266,7 @@ class FunctionServer:
     def _behaviour(self, call: _Call) -> Behaviour:
         try:
             payload = json.loads(call.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to parse here
             payload = None
         options = payload if isinstance(payload, dict) else {}
         return Behaviour.from_options(self._tasks.get(call.task, {}), options)
@@ -296,7 +302,13 @@ class FunctionServer:
             self._seen[key] = self._seen.get(key, 0) + 1
             return self._seen[key]
 
-    def _record(self, call: _Call, reply: _Reply, callback_status: int | None = None) -> None:
+    def _record(
+        self,
+        call: _Call,
+        reply: _Reply,
+        callback_status: int | None = None,
+        ended: float | None = None,
+    ) -> None:
         self.calls.append(
             CallRecord(
                 route=call.route,
@@ -304,7 +316,7 @@ class FunctionServer:
                 job_id=_int_header(call.headers, "x-job-id"),
                 attempt=_int_header(call.headers, "x-job-attempt"),
                 started=call.started,
-                ended=time.monotonic(),
+                ended=time.monotonic() if ended is None else ended,
                 status=reply.status,
                 headers=dict(call.headers),
                 body=call.body,
@@ -333,6 +345,7 @@ class FunctionServer:
             if reply is None:
                 return
             status = reply.status
+        ended = time.monotonic()  # the function's end; its callback may come later
         callback = call.headers.get("x-callback-url")
         posted = None
         if callback and not behaviour.drop_callback:
@@ -345,9 +358,21 @@ class FunctionServer:
                     "X-Duration-Seconds": f"{time.monotonic() - started:f}",
                 }
             )
-            posted = _post(callback, headers, reply.body if reply is not None else b"")
+            if behaviour.callback_delay > 0 and self._late(call, behaviour):
+                self._stopping.wait(behaviour.callback_delay)
+            body = reply.body if reply is not None else b""
+            copies = [_post(callback, headers, body) for _ in range(behaviour.callback_copies)]
+            posted = copies[0] if copies else None
         if reply is not None:
-            self._record(call, reply, callback_status=posted)
+            self._record(call, reply, callback_status=posted, ended=ended)
+
+    def _late(self, call: _Call, behaviour: Behaviour) -> bool:
+        if not behaviour.late_calls:
+            return True
+        with self._lock:
+            return self._seen.get((call.task, _int_header(call.headers, "x-job-id")), 0) <= (
+                behaviour.late_calls
+            )
 
 
 def _failure(message: str, behaviour: Behaviour, headers: dict[str, str]) -> _Reply:
@@ -391,7 +416,12 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256  # many workers connect at once; the default backlog is 5
     app: FunctionServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A caller that went away mid-answer (its worker was killed) is routine here.
+        logger.debug("functions: connection closed by the caller", exc_info=True)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -16,7 +16,8 @@ CREATE TABLE public.sunk_jobs (
   task       text NOT NULL,
   created_at timestamptz NOT NULL
 );
-CREATE FUNCTION public.sink_job() RETURNS trigger LANGUAGE plpgsql AS $$
+-- SECURITY DEFINER: the inserting role (a least-privilege scheduler) needs no grants here
+CREATE FUNCTION public.sink_job() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
   INSERT INTO public.sunk_jobs VALUES (NEW.id, NEW.task_identifier, NEW.created_at);
   DELETE FROM app_jobs.jobs WHERE id = NEW.id;

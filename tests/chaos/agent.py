@@ -1,0 +1,220 @@
+"""Runs one lqjobs component as a real process, with the chaos suite's hooks.
+
+    python -m tests.chaos.agent bridge|worker|callback|scheduler [options...]
+
+Without ``CHAOS_*`` variables it is exactly ``lqjobs <role>`` (or ``celery -A tasks
+worker``). With them it first installs, in this process only:
+
+``CHAOS_FAULT=<point>:<probability>``
+    the process SIGKILLs itself at a fault point, drawn from a RNG seeded with
+    ``CHAOS_SEED`` and ``CHAOS_INCARNATION`` (so a run can be replayed). Points:
+    ``bridge.before_publish`` (jobs locked, nothing published, no commit) and
+    ``bridge.after_publish`` (published, not committed).
+``CHAOS_SABOTAGE=<protection>[,<protection>...]``
+    switches protections off, for negative controls only; see ``SABOTAGE``.
+``CHAOS_SKIP_LADDER=1``
+    accepts a timeout ladder that lqjobs would refuse (a deliberate misconfiguration).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from psycopg.rows import dict_row
+
+Patch = Callable[[], None]
+
+
+def _die_maybe(rng: random.Random, probability: float) -> None:
+    if rng.random() < probability:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install_fault(spec: str, seed: str) -> None:
+    from bridge.publisher import CeleryPublisher
+
+    point, _, probability = spec.partition(":")
+    rng = random.Random(f"{seed}:{point}:{os.environ.get('CHAOS_INCARNATION', '0')}")
+    chance = float(probability)
+    publish = CeleryPublisher.publish
+
+    def faulty_publish(self: CeleryPublisher, jobs: Any) -> None:
+        if point == "bridge.before_publish":
+            _die_maybe(rng, chance)
+        publish(self, jobs)
+        if point == "bridge.after_publish":
+            _die_maybe(rng, chance)
+
+    if point not in ("bridge.before_publish", "bridge.after_publish"):
+        raise SystemExit(f"unknown fault point {point!r}")
+    CeleryPublisher.publish = faulty_publish  # type: ignore[method-assign]
+
+
+# -- sabotage: each switches one protection off --------------------------------------
+
+
+def commit_before_publish() -> None:
+    """The lock commits on its own before the publish (lock -> commit -> publish)."""
+    from bridge.loop import Bridge
+
+    def dispatch(self: Bridge, conn: Any, limit: int) -> int:
+        jobs = []
+        for _ in range(limit):  # the connection is in autocommit: each lock commits
+            job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
+            if job is None:
+                break
+            jobs.append(job)
+        if jobs:
+            self.publisher.publish(jobs)
+        self.counters["locked"] += len(jobs)
+        return len(jobs)
+
+    Bridge._dispatch_batch = dispatch  # type: ignore[method-assign]
+
+
+def no_lease_check() -> None:
+    """Upstream's worker: run whatever message arrives, settle by job id alone."""
+    from lqjobs.db import JOB_COLUMNS, JobsDB
+    from lqjobs.models import JobRow
+
+    def preflight(self: JobsDB, conn: Any, lease: Any) -> tuple[JobRow | None, bool]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                f"SELECT {JOB_COLUMNS} FROM {self.schema}.jobs WHERE id = %s", [lease.job_id]
+            )
+            row = cur.fetchone()
+        return (None, False) if row is None else (JobRow.model_validate(row), True)
+
+    def complete(self: JobsDB, conn: Any, lease: Any) -> bool:
+        self.complete_job(conn, lease.worker_id, lease.job_id)
+        return True
+
+    def fail(self: JobsDB, conn: Any, lease: Any, message: str) -> bool:
+        self.fail_job(conn, lease.worker_id, lease.job_id, message or "unknown error")
+        return True
+
+    JobsDB.preflight = preflight  # type: ignore[method-assign]
+    JobsDB.fenced_complete = complete  # type: ignore[method-assign]
+    JobsDB.fenced_fail = fail  # type: ignore[method-assign]
+
+
+def no_advisory_lock() -> None:
+    """Two deliveries of one lease may both call the function at once."""
+    from lqjobs.db import JobsDB
+
+    preflight = JobsDB.preflight
+
+    def unguarded(self: JobsDB, conn: Any, lease: Any) -> tuple[Any, bool]:
+        job, _locked = preflight(self, conn, lease)
+        return job, job is not None
+
+    JobsDB.preflight = unguarded  # type: ignore[method-assign]
+
+
+def shared_worker_id() -> None:
+    """Upstream's bridge: one fixed worker id, ``release_jobs`` at every start."""
+    import bridge.loop
+    from lqjobs import db
+
+    bridge.loop.new_worker_id = lambda hostname: "worker-0"  # type: ignore[assignment]
+    run_forever = bridge.loop.Bridge.run_forever
+
+    def released_first(self: bridge.loop.Bridge) -> None:
+        with db.connect(self.settings.conninfo(), autocommit=True) as conn:
+            self.jobs_db.release_jobs(conn, self.worker_id)
+        run_forever(self)
+
+    bridge.loop.Bridge.run_forever = released_first  # type: ignore[method-assign]
+
+
+def unauthenticated_callbacks() -> None:
+    """Upstream's callback server: any POST naming a job settles it, no token, no
+    lease check; a POST without ``X-Job-Id`` is a health check."""
+    from lqjobs.callback import CallbackService, Reply
+    from lqjobs.callback_parsing import CallbackRequest, Rejected, parse_report
+
+    def handle(self: CallbackService, request: CallbackRequest) -> Reply:
+        job_id = request.headers.get("x-job-id", "").strip()
+        if not job_id.isdigit():
+            return Reply(200, "health")
+        try:
+            report = parse_report(request.headers, request.body)
+        except Rejected as exc:
+            return Reply(exc.status, exc.result)
+        worker = request.headers.get("x-worker-id", "").strip()
+        with self.pool.connection() as conn:
+            if report.success:
+                self.jobs_db.complete_job(conn, worker, int(job_id))
+            elif worker:
+                self.jobs_db.fail_job(conn, worker, int(job_id), report.message)
+        return Reply(200, "completed" if report.success else "failed")
+
+    CallbackService.handle = handle  # type: ignore[method-assign]
+
+
+def no_callback_deadline() -> None:
+    """A deferred job waits for its callback until the lease expires."""
+    from lqjobs.deadlines import DeferredDeadlines
+
+    DeferredDeadlines.record = lambda self, lease, seconds: None  # type: ignore[method-assign]
+
+
+def task_name_in_url() -> None:
+    """Upstream's Knative URL: ``http://{task}.{KNATIVE_SERVICE_URL}``, unvalidated."""
+    from lqjobs.executors import KnativeExecutor, _body, _Request, build_headers
+
+    suffix = os.environ.get("KNATIVE_SERVICE_URL", "")
+
+    def request(self: KnativeExecutor, invocation: Any) -> _Request:
+        url = f"http://{invocation.task_identifier}.{suffix}"
+        return _Request(url, build_headers(invocation), _body(invocation))
+
+    KnativeExecutor._request = request  # type: ignore[method-assign]
+
+
+SABOTAGE: dict[str, Patch] = {
+    "commit_before_publish": commit_before_publish,
+    "no_lease_check": no_lease_check,
+    "no_advisory_lock": no_advisory_lock,
+    "shared_worker_id": shared_worker_id,
+    "unauthenticated_callbacks": unauthenticated_callbacks,
+    "no_callback_deadline": no_callback_deadline,
+    "task_name_in_url": task_name_in_url,
+}
+
+
+def skip_timeout_ladder() -> None:
+    """Let a scenario misconfigure the ladder on purpose (F6: V below the call time)."""
+    from lqjobs.settings import Settings
+
+    Settings.timeout_ladder_problems = lambda self: []  # type: ignore[method-assign]
+
+
+def main() -> None:
+    role, *options = sys.argv[1:]
+    seed = os.environ.get("CHAOS_SEED", "0")
+    if os.environ.get("CHAOS_SKIP_LADDER"):
+        skip_timeout_ladder()
+    if fault := os.environ.get("CHAOS_FAULT"):
+        install_fault(fault, seed)
+    for name in filter(None, os.environ.get("CHAOS_SABOTAGE", "").split(",")):
+        SABOTAGE[name]()
+    if role == "worker":
+        from celery.bin.celery import main as celery_main
+
+        sys.argv = ["celery", "-A", "tasks", "worker", *options]
+        celery_main()
+    else:
+        from lqjobs.cli import main as lqjobs_main
+
+        sys.argv = ["lqjobs", role, *options]
+        lqjobs_main()
+
+
+if __name__ == "__main__":
+    main()
