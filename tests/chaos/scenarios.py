@@ -105,13 +105,13 @@ def _bridge_kill(cluster: Cluster, scale: Scale, protected: bool, point: str, of
                 name,
                 "--batch-size",
                 "10",
-                CHAOS_FAULT=f"bridge.{point}:0.2",
+                CHAOS_FAULT=f"bridge.{point}:0.3",
                 **sabotage(protected, off),
             )
             for name in ("bridge-a", "bridge-b")
         ]
         result = finish(run, ids, lambda: killed(*bridges), stall=10)
-        result.preconditions["faults injected"] = result.faults >= 3
+        result.preconditions["faults injected"] = result.faults >= 2
         return result
 
 
