@@ -215,6 +215,11 @@ class CallbackService:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = False  # server_close() then waits for the requests in flight
     block_on_close = True
+    # The standard library listens with a backlog of 5. A burst of callbacks (the
+    # queue-worker finishing many calls at once) overflowed it: the kernel drops the
+    # SYN, the poster times out and never retries, and the job waits for its
+    # deadline (found by the chaos suite, F16 run).
+    request_queue_size = 1024
     service: CallbackService
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -58,6 +58,15 @@ LADDER = {
 }
 
 
+# A line each component writes once it runs (and handles SIGTERM gracefully).
+READY_MARKERS = {
+    "bridge": "bridge started",
+    "worker": "[queues]",  # the banner, which every log level prints
+    "callback": "callback service listening",
+    "scheduler": "scheduler started",
+}
+
+
 class Component:
     """One lqjobs process, restarted by a supervisor thread whenever it exits."""
 
@@ -123,9 +132,12 @@ class Component:
         """SIGTERM (a graceful stop); the supervisor starts the next incarnation."""
         self.send(signal.SIGTERM)
 
-    def wait_up(self, seconds: float) -> None:
-        """Until the current incarnation has run ``seconds`` (it has started up)."""
-        time.sleep(max(0.0, self.spawned_at + seconds - time.monotonic()))
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the current incarnation has said it runs."""
+        marker = READY_MARKERS[self.role]
+        wait_until(
+            lambda: self.output().count(marker) > self.incarnation, timeout, f"{self.name} ready"
+        )
 
     def wait_restarted(self, after: int, timeout: float = 20) -> None:
         wait_until(lambda: self.incarnation > after, timeout, f"{self.name} to restart")

@@ -852,7 +852,8 @@ def r15(cluster: Cluster, scale: Scale) -> Row:
         while len(terms) < 8 or (count_left(run, ids) > 0 and len(terms) < 200):
             time.sleep(1.5)  # the rolling schedule: one component every 1.5 s
             component = order[i % len(order)]
-            component.wait_up(4.0)  # a graceful stop is for a process that has started
+            component.wait_ready()  # a graceful stop is for a process that has started
+            time.sleep(0.5)
             component.terminate()
             terms.append(time.monotonic())
             component.wait_restarted(component.incarnation)
