@@ -110,6 +110,22 @@ class Stack:
             )
         self._spawn("bridge", [sys.executable, "-m", "lqjobs", "bridge"])
 
+    def start_plain_celery(self) -> None:
+        """Workers of bench.celery_alone, set up exactly as lqjobs' workers."""
+        for n in range(self.workers):
+            argv = worker_argv(
+                self.concurrency, "--loglevel", "WARNING", "--hostname", f"plain{n}@%h", *QUIET
+            )
+            argv[argv.index("tasks")] = "bench.celery_alone"
+            self._spawn(f"plain-{n}", [*argv, "--queues", "bench-noop"])
+
+    def stop_plain_celery(self) -> None:
+        for name in [name for name in self.named if name.startswith("plain-")]:
+            proc = self.named.pop(name)
+            proc.terminate()
+            proc.wait(30)
+            self.procs.remove(proc)
+
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = (self.folder / f"{name}.log").open("ab")
         proc = subprocess.Popen(argv, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -127,6 +143,27 @@ class Stack:
             return []
         lines = self.calls_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line]
+
+
+def celery_alone(stack: Stack, redis_url: str, n: int) -> float:
+    """Plain Celery no-op tasks through the same worker setup: no bridge, no
+    Postgres, no HTTP. Workers are started once, on their own queue."""
+    from bench.celery_alone import QUEUE, TASK, app
+
+    app.conf.broker_url = redis_url
+    client = Redis.from_url(redis_url)
+    started = time.monotonic()
+    with app.producer_or_acquire() as producer:
+        for i in range(n):
+            app.send_task(TASK, args=[i], queue=QUEUE, producer=producer)
+
+    def drained() -> bool:
+        return client.llen(QUEUE) == 0 and client.hlen("unacked") == 0
+
+    wait_until(drained, 600, f"{n} plain Celery tasks")
+    elapsed = time.monotonic() - started
+    client.close()
+    return n / elapsed
 
 
 def end_to_end(stack: Stack, url: str, n: int, payload: dict[str, Any] | None) -> float:
@@ -309,6 +346,12 @@ def main() -> None:
         sql8 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8))
         stack = Stack(pg.url, redis.url, folder, args.concurrency, args.workers)
         ceiling = [dispatch_ceiling(stack, pg.url, args.jobs) for _ in range(args.runs)]
+        stack.start_plain_celery()
+        try:
+            celery_alone(stack, redis.url, 200)  # warm-up
+            plain = measure(args.runs, lambda: celery_alone(stack, redis.url, args.jobs))
+        finally:
+            stack.stop_plain_celery()
         stack.start()
         try:
             end_to_end(stack, pg.url, 200, None)  # warm-up: imports, pools, connections
@@ -335,6 +378,7 @@ def main() -> None:
             )
         )
         print(row("bridge CPU per job (dispatch ceiling)", [ms for _, ms in ceiling], "ms", None))
+        print(row("Celery alone: no-op task, same workers", plain, "tasks/s", limit))
         print(row("end to end, no-op function (Knative)", e2e, "jobs/s", limit))
         print(row("end to end, 50 ms function (Knative)", slow, "jobs/s", limit))
         print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
