@@ -145,7 +145,7 @@ class Stack:
         return [json.loads(line) for line in lines if line]
 
 
-def celery_alone(stack: Stack, redis_url: str, n: int) -> float:
+def celery_alone(redis_url: str, n: int) -> float:
     """Plain Celery no-op tasks through the same worker setup: no bridge, no
     Postgres, no HTTP. Workers are started once, on their own queue."""
     from bench.celery_alone import QUEUE, TASK, app
@@ -348,8 +348,8 @@ def main() -> None:
         ceiling = [dispatch_ceiling(stack, pg.url, args.jobs) for _ in range(args.runs)]
         stack.start_plain_celery()
         try:
-            celery_alone(stack, redis.url, 200)  # warm-up
-            plain = measure(args.runs, lambda: celery_alone(stack, redis.url, args.jobs))
+            celery_alone(redis.url, 200)  # warm-up
+            plain = measure(args.runs, lambda: celery_alone(redis.url, args.jobs))
         finally:
             stack.stop_plain_celery()
         stack.start()

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from lqjobs import migrate
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.databases import database_url, drop_database, recreate_database
 
 TEMPLATE_DB = "lqjobs_template"
 _counter = itertools.count()
@@ -63,25 +63,10 @@ def psql_bin(embedded_pg: EmbeddedPostgres | None) -> str:
     return embedded_pg.bin("psql") if embedded_pg else "psql"
 
 
-def database_url(base_url: str, dbname: str) -> str:
-    return psycopg.conninfo.make_conninfo(base_url, dbname=dbname)
-
-
-def _recreate(admin_url: str, name: str, template: str | None = None) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
-        create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-        if template:
-            create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-        admin.execute(create)
-
-
 @pytest.fixture(scope="session")
 def template_db(pg_url: str) -> str:
     """Name of a database holding the freshly migrated app_jobs schema."""
-    _recreate(pg_url, TEMPLATE_DB)
+    recreate_database(pg_url, TEMPLATE_DB)
     migrate.migrate(database_url(pg_url, TEMPLATE_DB))
     return TEMPLATE_DB
 
@@ -90,25 +75,18 @@ def template_db(pg_url: str) -> str:
 def empty_db_url(pg_url: str) -> Iterator[str]:
     """A fresh database with nothing installed."""
     name = f"lqjobs_empty_{os.getpid()}_{next(_counter)}"
-    _recreate(pg_url, name)
+    recreate_database(pg_url, name)
     yield database_url(pg_url, name)
-    _drop(pg_url, name)
+    drop_database(pg_url, name)
 
 
 @pytest.fixture
 def db_url(pg_url: str, template_db: str) -> Iterator[str]:
     """A fresh database, copied from the template: app_jobs installed, no jobs."""
     name = f"lqjobs_test_{os.getpid()}_{next(_counter)}"
-    _recreate(pg_url, name, template=template_db)
+    recreate_database(pg_url, name, template=template_db)
     yield database_url(pg_url, name)
-    _drop(pg_url, name)
-
-
-def _drop(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    drop_database(pg_url, name)
 
 
 @pytest.fixture

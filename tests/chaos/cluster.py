@@ -25,12 +25,12 @@ from uuid import UUID
 
 import psycopg
 import redis
-from psycopg import sql
 
 from lqjobs import migrate
 from lqjobs.db import JobsDB
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 from lqjobs.example_functions import FunctionServer
+from tests.databases import database_url, recreate_database
 from tests.least_privilege import granted_logins
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -180,31 +180,18 @@ class Cluster:
     def start(self) -> Cluster:
         self.pg.start()
         self.redis.start()
-        self._recreate(TEMPLATE)
-        migrate.migrate(self.database_url(TEMPLATE))
+        recreate_database(self.pg.url, TEMPLATE)
+        migrate.migrate(database_url(self.pg.url, TEMPLATE))
         return self
 
     def stop(self) -> None:
         self.redis.stop()
         self.pg.stop()
 
-    def database_url(self, name: str) -> str:
-        return psycopg.conninfo.make_conninfo(self.pg.url, dbname=name)
-
-    def _recreate(self, name: str, template: str | None = None) -> None:
-        with psycopg.connect(self.pg.url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-            create = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
-            if template:
-                create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
-            admin.execute(create)
-
     def new_database(self) -> str:
         name = f"chaos_{next(self._names)}"
-        self._recreate(name, TEMPLATE)
-        return self.database_url(name)
+        recreate_database(self.pg.url, name, TEMPLATE)
+        return database_url(self.pg.url, name)
 
     def restart_postgres(self) -> None:
         """An immediate shutdown (SIGQUIT: no checkpoint, crash recovery on start)."""
@@ -232,21 +219,11 @@ class Cluster:
         (self.redis.data_dir / "dump.rdb").unlink(missing_ok=True)  # from a SHUTDOWN SAVE
         self.redis.start()
 
-    def pause_redis(self) -> int:
-        proc = self.redis._proc
-        assert proc is not None
-        os.kill(proc.pid, signal.SIGSTOP)
-        return proc.pid
-
-    def resume_redis(self, pid: int) -> None:
-        os.kill(pid, signal.SIGCONT)
-
     @contextmanager
     def run(
         self,
         name: str,
         *,
-        functions: dict[str, dict[str, Any]] | None = None,
         settings: dict[str, str] | None = None,
         least_privilege: bool = True,
     ) -> Iterator[Run]:
@@ -258,7 +235,7 @@ class Cluster:
         client = redis.Redis.from_url(self.redis.url)
         client.flushdb()
         client.close()
-        run = Run(self, name, self.new_database(), logs, functions or {}, settings or {})
+        run = Run(self, name, self.new_database(), logs, settings or {})
         with contextlib.ExitStack() as stack:
             if least_privilege:
                 logins = stack.enter_context(granted_logins(run.db_url, DB_PASSWORD))
@@ -277,7 +254,6 @@ class Run:
         name: str,
         db_url: str,
         logs: Path,
-        functions: dict[str, dict[str, Any]],
         settings: dict[str, str],
     ) -> None:
         self.cluster = cluster
@@ -285,10 +261,9 @@ class Run:
         self.db_url = db_url
         self.logs = logs
         self.jobs_db = JobsDB()
-        self.functions = FunctionServer(tasks=functions, log_path=logs / "calls.jsonl").start()
+        self.functions = FunctionServer(log_path=logs / "calls.jsonl").start()
         self.callback_port = free_port()
         self.components: dict[str, Component] = {}
-        self.job_ids: list[int] = []
         self.role_urls: dict[str, str] = {}  # least-privilege URLs, when the run uses them
         self.settings = settings
         self.started = time.monotonic()
@@ -339,11 +314,10 @@ class Run:
                 self.jobs_db.add_job(conn, TENANT, task, payload, **options).id
                 for payload in payloads
             ]
-        self.job_ids.extend(ids)
         return ids
 
     def sql(self, query: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.cluster.database_url(self.db_name), autocommit=True) as conn:
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
             cursor = conn.execute(query, params)  # type: ignore[arg-type]
             return cursor.fetchall() if cursor.description else []
 
@@ -351,10 +325,6 @@ class Run:
         """The login ``role`` connects as (None: the owner)."""
         url = self.role_urls.get(role)
         return None if url is None else psycopg.conninfo.conninfo_to_dict(url).get("user")
-
-    @property
-    def db_name(self) -> str:
-        return str(psycopg.conninfo.conninfo_to_dict(self.db_url)["dbname"])
 
     def stop_components(self) -> dict[str, int | None]:
         codes = {}

@@ -45,6 +45,11 @@ class JobState:
 
 
 def job_states(db_url: str, job_ids: Iterable[int]) -> dict[int, JobState]:
+    return snapshot(db_url, job_ids)[0]
+
+
+def snapshot(db_url: str, job_ids: Iterable[int]) -> tuple[dict[int, JobState], int]:
+    """The jobs' states and the number of locked queues, over one connection."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT id, attempts, max_attempts, locked_by IS NOT NULL, "
@@ -52,15 +57,10 @@ def job_states(db_url: str, job_ids: Iterable[int]) -> dict[int, JobState]:
             "FROM app_jobs.jobs WHERE id = ANY(%s)",
             [list(job_ids)],
         ).fetchall()
-    return {row[0]: JobState(*row[1:]) for row in rows}
-
-
-def locked_queues(db_url: str) -> int:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        row = conn.execute(
+        queues = conn.execute(
             "SELECT count(*) FROM app_jobs.job_queues WHERE locked_by IS NOT NULL"
         ).fetchone()
-    return int(row[0]) if row else 0
+    return {row[0]: JobState(*row[1:]) for row in rows}, int(queues[0]) if queues else 0
 
 
 def wait_quiescent(
@@ -72,9 +72,9 @@ def wait_quiescent(
     started = progress_at = time.monotonic()
     remaining = len(job_ids) + 1
     while (now := time.monotonic()) - started < timeout and now - progress_at < stall:
-        states = job_states(db_url, job_ids)
+        states, queues = snapshot(db_url, job_ids)
         busy = sum(s.locked or s.attempts < s.max_attempts for s in states.values())
-        if busy == 0 and locked_queues(db_url) == 0:
+        if busy == 0 and queues == 0:
             return now
         if busy < remaining:
             remaining, progress_at = busy, now
@@ -92,12 +92,12 @@ def judge(
 ) -> Tally:
     genuine = genuine_failures or {}
     parked_ok = set(expect_parked)
-    states = job_states(db_url, job_ids)
+    states, queues = snapshot(db_url, job_ids)
     by_job: dict[int, list[CallRecord]] = defaultdict(list)
     for call in calls:
         if call.job_id is not None:
             by_job[call.job_id].append(call)
-    tally = Tally(jobs=len(job_ids), stranded=locked_queues(db_url))
+    tally = Tally(jobs=len(job_ids), stranded=queues)
     for job_id in job_ids:
         job_calls = by_job.get(job_id, [])
         ok_calls = [c for c in job_calls if 200 <= c.status < 300]
