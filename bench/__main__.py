@@ -27,8 +27,9 @@ from typing import Any
 import psycopg
 from redis import Redis
 
+from bench import cpu
 from lqjobs import migrate
-from lqjobs.db import JobsDB
+from lqjobs.db import JobsDB, walk_job_index
 from lqjobs.dev import worker_argv
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 
@@ -50,14 +51,17 @@ def remaining(url: str) -> int:
     return int(row[0]) if row else 0
 
 
-def sql_drain(url: str, n: int, connections: int) -> float:
-    """The raw SQL limit: get_job + complete_job in a loop, no Celery, no HTTP."""
+def sql_drain(url: str, n: int, connections: int, walk_index: bool = False) -> float:
+    """The raw SQL limit: get_job + complete_job in a loop, no Celery, no HTTP;
+    ``walk_index``: on sessions set up as the bridge sets up its own."""
     add_jobs(url, n)
     jobs_db = JobsDB()
 
     def drain(index: int) -> None:
         worker = f"bench-sql-{index:04d}"
         with psycopg.connect(url, autocommit=True) as conn:
+            if walk_index:
+                walk_job_index(conn)
             while (job := jobs_db.get_job(conn, worker, ["noop"])) is not None:
                 jobs_db.complete_job(conn, worker, job.id)
 
@@ -138,6 +142,16 @@ class Stack:
         for proc in self.procs:
             proc.wait(30)
 
+    def cpu_groups(self, servers: dict[str, int]) -> dict[str, list[int]]:
+        """Process ids per component, for the CPU account of a run."""
+        workers = [proc.pid for name, proc in self.named.items() if name.startswith("worker-")]
+        return {
+            "bridge": [self.named["bridge"].pid],
+            "Celery workers": workers,
+            "function server": [self.named["functions"].pid],
+            **{name: [pid] for name, pid in servers.items()},
+        }
+
     def calls(self) -> list[dict[str, Any]]:
         if not self.calls_path.exists():
             return []
@@ -166,14 +180,20 @@ def celery_alone(redis_url: str, n: int) -> float:
     return n / elapsed
 
 
-def end_to_end(stack: Stack, url: str, n: int, payload: dict[str, Any] | None) -> float:
+def end_to_end(
+    stack: Stack, url: str, n: int, payload: dict[str, Any] | None, groups: dict[str, list[int]]
+) -> tuple[float, dict[str, float]]:
+    """Jobs per second through the whole stack, and CPU milliseconds per job by component."""
     before = len(stack.calls())
+    cpu_before = cpu.snapshot(groups)
     started = time.monotonic()
     add_jobs(url, n, payload)
     wait_until(lambda: remaining(url) == 0, 600, f"{n} jobs to complete")
     elapsed = time.monotonic() - started
+    cpu_ms = cpu.per_job_ms(cpu_before, cpu.snapshot(groups), n)
+    cpu_ms["idle"] = (os.cpu_count() or 1) * elapsed * 1000 / n - sum(cpu_ms.values())
     assert len(stack.calls()) - before >= n, "fewer function calls than jobs"
-    return n / elapsed
+    return n / elapsed, cpu_ms
 
 
 def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
@@ -344,6 +364,7 @@ def main() -> None:
         )
         sql1 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 1))
         sql8 = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8))
+        sql8_walk = measure(args.runs, lambda: sql_drain(pg.url, args.jobs, 8, walk_index=True))
         stack = Stack(pg.url, redis.url, folder, args.concurrency, args.workers)
         ceiling = [dispatch_ceiling(stack, pg.url, args.jobs) for _ in range(args.runs)]
         stack.start_plain_celery()
@@ -354,11 +375,15 @@ def main() -> None:
             stack.stop_plain_celery()
         stack.start()
         try:
-            end_to_end(stack, pg.url, 200, None)  # warm-up: imports, pools, connections
-            e2e = measure(args.runs, lambda: end_to_end(stack, pg.url, args.jobs, None))
-            slow = measure(
-                args.runs, lambda: end_to_end(stack, pg.url, args.jobs // 2, {"sleep": 0.05})
-            )
+            groups = stack.cpu_groups({"postgres": pg.pid or 0, "redis": redis.pid or 0})
+            end_to_end(stack, pg.url, 200, None, groups)  # warm-up: imports, pools, connections
+            e2e_runs = [
+                end_to_end(stack, pg.url, args.jobs, None, groups) for _ in range(args.runs)
+            ]
+            slow_runs = [
+                end_to_end(stack, pg.url, args.jobs // 2, {"sleep": 0.05}, groups)
+                for _ in range(args.runs)
+            ]
             lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
             late = [delayed_latency(stack, pg.url, 100, 0.5) for _ in range(args.runs)]
             retry = [retry_latency(stack, pg.url, 50) for _ in range(args.runs)]
@@ -369,6 +394,7 @@ def main() -> None:
         print(f"{'figure':<44} {'median':>9} {'unit':<7} (min-max)       vs SQL x8")
         print(row("SQL limit: get_job+complete_job, 1 conn", sql1, "jobs/s", limit))
         print(row("SQL limit: get_job+complete_job, 8 conns", sql8, "jobs/s", limit))
+        print(row("  the same, sessions walking the job index", sql8_walk, "jobs/s", limit))
         print(
             row(
                 "dispatch ceiling: bridge alone, no consumer",
@@ -379,8 +405,15 @@ def main() -> None:
         )
         print(row("bridge CPU per job (dispatch ceiling)", [ms for _, ms in ceiling], "ms", None))
         print(row("Celery alone: no-op task, same workers", plain, "tasks/s", limit))
-        print(row("end to end, no-op function (Knative)", e2e, "jobs/s", limit))
-        print(row("end to end, 50 ms function (Knative)", slow, "jobs/s", limit))
+        print(
+            row("end to end, no-op function (Knative)", [r for r, _ in e2e_runs], "jobs/s", limit)
+        )
+        for name in e2e_runs[0][1]:
+            label = f"  no-op e2e CPU per job: {name}"
+            print(row(label, [account[name] for _, account in e2e_runs], "ms", None))
+        print(
+            row("end to end, 50 ms function (Knative)", [r for r, _ in slow_runs], "jobs/s", limit)
+        )
         print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
         print(row("latency add_job -> function called, p99", [p99 for _, p99 in lat], "ms", None))
         print(

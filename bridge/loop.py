@@ -268,7 +268,13 @@ class Bridge:
 
     def _work_connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = db.connect(self.settings.conninfo(), autocommit=True)
+            conn = db.connect(self.settings.conninfo(), autocommit=True)
+            try:
+                db.walk_job_index(conn)
+            except DatabaseError:
+                conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     def _listen(self) -> Connection:

@@ -105,6 +105,11 @@ class EmbeddedPostgres:
         self._user = _ensure_service_user() if _is_root() else None
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for CPU accounting)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
@@ -240,6 +245,11 @@ class EmbeddedRedis:
         self.data_dir = data_dir
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (for CPU accounting)."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def url(self) -> str:
