@@ -12,13 +12,16 @@ from celery import Celery
 from lqjobs.errors import ConfigurationError
 from lqjobs.settings import Settings, load_settings
 from tasks.run_job import TASK_NAME, register_run_job
+from tasks.transport import TRANSPORT_PATH
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Settings that make a job impossible to lose: late acks, requeue on a lost
     worker, one prefetched message per slot, JSON only."""
+    broker_url = settings.broker_url.get_secret_value()
     return {
-        "broker_url": settings.broker_url.get_secret_value(),
+        "broker_url": broker_url,
+        **redis_transport(broker_url),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": redis_transport_options(settings.visibility_timeout),
         "task_serializer": "json",
@@ -39,6 +42,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
     }
+
+
+def redis_transport(broker_url: str) -> dict[str, Any]:
+    """kombu's Redis transport minus a client object built per command
+    (tasks/transport.py), for plain Redis URLs; any other broker is left alone."""
+    if broker_url.startswith(("redis://", "rediss://")):
+        return {"broker_transport": TRANSPORT_PATH}
+    return {}
 
 
 def redis_transport_options(visibility_timeout: float) -> dict[str, Any]:
