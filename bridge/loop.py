@@ -28,7 +28,7 @@ from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.backoff import pause_after_failure
-from lqjobs.db import Connection, JobsDB
+from lqjobs.db import Connection, JobsDB, LockedBatch
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
@@ -87,32 +87,39 @@ class Bridge:
         handed = 0
         self._saturated = False
         while not self._stopping.is_set():
-            conn = self._work_connection()
-            room = self.settings.max_in_flight - self.jobs_db.count_locked_by(conn, self.worker_id)
-            if room <= 0:
+            locked, room = self._dispatch_batch(self._work_connection())
+            handed += locked
+            if locked >= room:  # at the in-flight cap (or over it: the cap was lowered)
                 self._saturated = True
                 break
-            limit = min(self.batch_size, room)
-            locked = self._dispatch_batch(conn, limit)
-            handed += locked
-            if locked < limit:
+            if locked < self.batch_size:
                 break
         return handed
 
-    def _dispatch_batch(self, conn: Connection, limit: int) -> int:
+    def _dispatch_batch(self, conn: Connection) -> tuple[int, int]:
+        """Jobs locked and handed off in one transaction, and the in-flight room
+        there was before them."""
         with conn.transaction():
-            jobs = self._lock_jobs(conn, limit)
-            sendable = [job for job in jobs if not self._reject_oversized(conn, job)]
+            batch = self._lock_jobs(conn)
+            sendable = [job for job in batch.jobs if not self._reject_oversized(conn, job)]
             if sendable:
                 self.publisher.publish(sendable)
-        self.counters["locked"] += len(jobs)
+        self.counters["locked"] += len(batch.jobs)
         self.counters["dispatched"] += len(sendable)
-        return len(jobs)
+        return len(batch.jobs), batch.room
 
-    def _lock_jobs(self, conn: Connection, limit: int) -> list[JobRow]:
-        # Up to ``limit`` get_job calls in one statement (one round trip), stopping
-        # at the first that finds nothing, inside the caller's transaction.
-        return self.jobs_db.get_jobs(conn, self.worker_id, self.task_filter, self.job_expiry, limit)
+    def _lock_jobs(self, conn: Connection) -> LockedBatch:
+        # Counts the jobs this bridge holds, then makes up to min(batch size, room left)
+        # get_job calls, stopping at the first that finds nothing: one statement,
+        # one round trip, inside the caller's transaction.
+        return self.jobs_db.get_jobs_under_cap(
+            conn,
+            self.worker_id,
+            self.task_filter,
+            self.job_expiry,
+            self.batch_size,
+            self.settings.max_in_flight,
+        )
 
     def _reject_oversized(self, conn: Connection, job: JobRow) -> bool:
         size = len(job.payload.encode())

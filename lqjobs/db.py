@@ -20,6 +20,7 @@ from uuid import UUID
 
 import psycopg
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 
@@ -137,6 +138,12 @@ def _json(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class LockedBatch:
+    jobs: list[JobRow]
+    room: int  # free in-flight slots before the batch: the cap minus the jobs held
+
+
+@dataclass(frozen=True)
 class QueueGauges:
     ready: int
     oldest_ready_age_seconds: float
@@ -233,9 +240,6 @@ class JobsDB:
         transaction would be. It saves N-1 round trips and statement overheads."""
         if limit < 1:
             return []
-        call = sql.SQL(
-            "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
-        ).format(schema=self._schema)
         query = sql.SQL(
             "WITH RECURSIVE step(n, job) AS ("
             "SELECT 1, {call} "
@@ -243,14 +247,61 @@ class JobsDB:
             "SELECT n + 1, {call} FROM step WHERE n < %(limit)s AND (job).id IS NOT NULL) "
             "SELECT {columns} FROM (SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j "
             "ORDER BY n"
-        ).format(call=call, columns=sql.SQL(JOB_COLUMNS))
-        params = {
+        ).format(call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS))
+        params = self._get_jobs_params(worker_id, task_identifiers, job_expiry, limit)
+        return self._many(conn, JobRow, query, params)
+
+    def get_jobs_under_cap(
+        self,
+        conn: Connection,
+        worker_id: str,
+        task_identifiers: Sequence[str] | None,
+        job_expiry: timedelta,
+        limit: int,
+        cap: int,
+    ) -> LockedBatch:
+        """:meth:`get_jobs` for a worker that may hold at most ``cap`` jobs: the same
+        statement first counts the jobs ``worker_id`` holds, then makes at most
+        ``min(limit, cap - held)`` calls (a round trip fewer than counting apart)."""
+        query = sql.SQL(
+            "WITH RECURSIVE room AS ("
+            "SELECT %(cap)s::int - count(*)::int AS free FROM {schema}.jobs "
+            "WHERE locked_by = %(worker)s), "
+            "step(n, job) AS ("
+            "SELECT 1, {call} FROM room WHERE free > 0 "
+            "UNION ALL "
+            "SELECT n + 1, {call} FROM step, room "
+            "WHERE n < least(%(limit)s, free) AND (job).id IS NOT NULL) "
+            "SELECT room.free AS room_before, {columns} FROM room LEFT JOIN "
+            "(SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j ON true "
+            "ORDER BY j.n"
+        ).format(
+            schema=self._schema, call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS)
+        )
+        params = self._get_jobs_params(worker_id, task_identifiers, job_expiry, limit)
+        params["cap"] = cap
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall()
+        room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
+        jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
+        return LockedBatch(jobs, room)
+
+    def _get_job_call(self) -> sql.Composed:
+        return sql.SQL(
+            "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
+        ).format(schema=self._schema)
+
+    @staticmethod
+    def _get_jobs_params(
+        worker_id: str, task_identifiers: Sequence[str] | None, job_expiry: timedelta, limit: int
+    ) -> dict[str, Any]:
+        return {
             "worker": worker_id,
             "tasks": None if task_identifiers is None else list(task_identifiers),
             "expiry": job_expiry,
             "limit": limit,
         }
-        return self._many(conn, JobRow, query, params)
 
     def complete_job(self, conn: Connection, worker_id: str, job_id: int) -> JobRow | None:
         """Delete the job (by id only: this SQL does not check locked_by)."""
@@ -473,25 +524,37 @@ class JobsDB:
         took the job's advisory lock (no two overlapping calls for one job).
 
         Selected by id alone ``FOR SHARE``, so it waits for a bridge transaction
-        that has published but not yet committed, then reads the committed row."""
-        query = sql.SQL(
-            "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
-            "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
-            "AS advisory FROM {schema}.jobs WHERE id = %(id)s FOR SHARE"
-        ).format(
-            columns=sql.SQL(JOB_COLUMNS),
-            schema=self._schema,
-            ns=sql.Literal(ADVISORY_NAMESPACE),
-            key=sql.SQL(ADVISORY_KEY.format("id")),
-        )
+        that has published but not yet committed, then reads the committed row.
+
+        The row lock gives the statement a transaction id, and so a commit that
+        would wait for a WAL flush (an fsync, on every job's critical path). A
+        transaction that only locked a row has nothing worth keeping after a
+        crash, so this one statement commits without waiting: it sets
+        ``synchronous_commit`` off for its own transaction only (``is_local``),
+        which needs ``conn`` in autocommit with no transaction open."""
+        if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+            raise ValueError("preflight needs an autocommit connection outside a transaction")
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, self._lease_params(lease))
+            cur.execute(self.preflight_query(), self._lease_params(lease))
             row = cur.fetchone()
         if row is None:
             return None, False
         locked = bool(row.pop("advisory"))
         job = JobRow.model_validate(row)
         return (job, locked) if lease.held_by(job) else (None, False)
+
+    def preflight_query(self) -> sql.Composed:
+        return sql.SQL(
+            "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
+            "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
+            "AS advisory FROM {schema}.jobs WHERE id = %(id)s "
+            "AND set_config('synchronous_commit', 'off', true) IS NOT NULL FOR SHARE"
+        ).format(
+            columns=sql.SQL(JOB_COLUMNS),
+            schema=self._schema,
+            ns=sql.Literal(ADVISORY_NAMESPACE),
+            key=sql.SQL(ADVISORY_KEY.format("id")),
+        )
 
     def release_advisory(self, conn: Connection, job_id: int) -> None:
         query = sql.SQL("SELECT pg_advisory_unlock({ns}, {key})").format(

@@ -62,9 +62,10 @@ def commit_before_publish() -> None:
     """The lock commits on its own before the publish (lock -> commit -> publish)."""
     from bridge.loop import Bridge
 
-    def dispatch(self: Bridge, conn: Any, limit: int) -> int:
+    def dispatch(self: Bridge, conn: Any) -> tuple[int, int]:
+        room = self.settings.max_in_flight - self.jobs_db.count_locked_by(conn, self.worker_id)
         jobs = []
-        for _ in range(limit):  # the connection is in autocommit: each lock commits
+        for _ in range(min(self.batch_size, room)):  # in autocommit: each lock commits
             job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
             if job is None:
                 break
@@ -72,7 +73,7 @@ def commit_before_publish() -> None:
         if jobs:
             self.publisher.publish(jobs)
         self.counters["locked"] += len(jobs)
-        return len(jobs)
+        return len(jobs), room
 
     Bridge._dispatch_batch = dispatch  # type: ignore[method-assign]
 

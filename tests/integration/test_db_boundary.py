@@ -214,3 +214,30 @@ def test_get_jobs_is_the_same_as_get_job_called_n_times(conn: Conn, jobs_db: db.
             assert (len(batched), calls) == (6, 7)  # the 7th call found nothing
             assert batched_queues == [("serial", WORKER)]
     assert jobs_db.get_jobs(conn, WORKER, tasks, expiry, 0) == []
+
+
+def test_get_jobs_under_cap_counts_what_the_worker_holds_first(
+    conn: Conn, jobs_db: db.JobsDB
+) -> None:
+    """The in-flight cap, applied in the locking statement itself: never more calls
+    than the room left, none at all at (or over) the cap."""
+    for i in range(10):
+        jobs_db.add_job(conn, TENANT, "capped", {"i": i})
+    expiry = timedelta(minutes=5)
+    conn.execute("SET track_functions = 'pl'")
+
+    def lock(limit: int, cap: int) -> tuple[int, int, int]:
+        with conn.transaction():
+            before = _get_job_calls(conn)
+            batch = jobs_db.get_jobs_under_cap(conn, WORKER, None, expiry, limit, cap)
+            return len(batch.jobs), batch.room, _get_job_calls(conn) - before
+
+    assert lock(limit=50, cap=4) == (4, 4, 4)  # the cap bounds the calls
+    assert lock(limit=50, cap=4) == (0, 0, 0)  # at the cap: no call at all
+    assert lock(limit=50, cap=2) == (0, -2, 0)  # a lowered cap: over it, still no call
+    assert lock(limit=3, cap=100) == (3, 96, 3)  # the batch size bounds them too
+    assert lock(limit=50, cap=100) == (3, 93, 4)  # the 4th call found nothing
+    assert lock(limit=50, cap=100) == (0, 90, 1)
+    assert jobs_db.count_locked_by(conn, WORKER) == 10
+    jobs = jobs_db.get_jobs_under_cap(conn, "bridge-other-0000", None, expiry, 50, 5).jobs
+    assert jobs == []  # every job is held by WORKER

@@ -394,3 +394,37 @@ def test_each_outcome_statement_releases_the_advisory_lock(
         lease = lock_job(conn, task, payload)
         assert runner.run(lease, task, "call-1", redelivered=False) is expected
         assert advisory_locks(conn) == 0, expected
+
+
+def test_the_preflight_commits_without_a_flush_and_leaves_the_session_durable(
+    conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    jobs_db = JobsDB()
+    lease = lock_job(conn, "noop", {})
+    params = {
+        "id": lease.job_id,
+        "worker": lease.worker_id,
+        "attempts": lease.attempts,
+        "locked_at": lease.locked_at,
+    }
+    session = connect()
+    session.execute("SET synchronous_commit = on")  # the suite's server defaults to off
+    # The statement switches synchronous_commit off for its own transaction...
+    with session.transaction():
+        assert session.execute(jobs_db.preflight_query(), params).fetchone() is not None
+        assert session.execute("SHOW synchronous_commit").fetchone() == ("off",)
+    # ...and only for it: the fenced writes that follow on the session stay durable.
+    assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    job, locked = jobs_db.preflight(session, lease)
+    assert job is not None and locked
+    assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert jobs_db.fenced_complete(session, lease, release_advisory=True)
+
+
+def test_the_preflight_refuses_a_transaction_it_would_make_non_durable(
+    conn: psycopg.Connection[Any], connect: Any
+) -> None:
+    lease = lock_job(conn, "noop", {})
+    session = connect()
+    with session.transaction(), pytest.raises(ValueError, match="autocommit"):
+        JobsDB().preflight(session, lease)
