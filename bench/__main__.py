@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -284,7 +285,9 @@ def cpu_seconds(pid: int) -> float:
 
 def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
     """The bridge alone, nobody consuming: jobs locked and published per second, and the
-    bridge's CPU milliseconds per job."""
+    bridge's CPU milliseconds per job. The jobs are added while the bridge is paused
+    (SIGSTOP), as the SQL limit's are added before its clock starts; the clock starts
+    when it resumes, with their NOTIFY waiting."""
     env = stack.env | {"LQJOBS_MAX_IN_FLIGHT": str(n + 10), "LQJOBS_LOG_LEVEL": "INFO"}
     log = (stack.folder / "bridge-ceiling.log").open("ab")
     bridge = subprocess.Popen(
@@ -300,8 +303,10 @@ def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
             60,
             "the bridge to start",
         )
-        cpu_before, started = cpu_seconds(bridge.pid), time.monotonic()
+        bridge.send_signal(signal.SIGSTOP)
         add_jobs(url, n, None)
+        cpu_before, started = cpu_seconds(bridge.pid), time.monotonic()
+        bridge.send_signal(signal.SIGCONT)
         wait_until(lambda: locked(url) == n, 300, f"{n} jobs dispatched")
         elapsed, cpu = time.monotonic() - started, cpu_seconds(bridge.pid) - cpu_before
     finally:

@@ -12,12 +12,15 @@ Wake-ups: ``NOTIFY "jobs:insert"`` for new jobs, ``lqjobs:wake`` after a task's
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import secrets
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 
 from kombu.exceptions import KombuError
@@ -65,16 +68,27 @@ class Bridge:
         self.settings = settings
         self.publisher = publisher
         self.batch_size = batch_size
+        self.lock_connections = settings.lock_connections
         self.worker_id = worker_id or new_worker_id(settings.hostname)
         self.jobs_db = JobsDB(settings.jobs_schema)
         self.task_filter = settings.task_filter()
         self.job_expiry = timedelta(seconds=settings.job_expiry)
         self.counters: Counter[str] = Counter()
+        self._counters_lock = threading.Lock()  # lock connections count from their threads
+        self._reserved = 0  # in-flight room reserved by transactions locking right now
+        self._reserved_lock = threading.Lock()
         self.failures = 0  # consecutive failed passes (database or broker); 0 when healthy
         self._stopping = threading.Event()
         self._saturated = False
         self._conn: Connection | None = None
         self._listener: Connection | None = None
+        # Bursts: the extra lock connections, each drained from a thread of its own.
+        self._extra_conns: list[Connection | None] = [None] * (self.lock_connections - 1)
+        self._lockers = (
+            ThreadPoolExecutor(len(self._extra_conns), thread_name_prefix="lqjobs-locker")
+            if self._extra_conns
+            else None
+        )
         # F4: re-publishes this bridge's leases after a Redis restart (bridge/reconcile.py).
         self.reconciler = reconcile.build(
             settings, self.jobs_db, self.worker_id, publisher, self.counters, batch_size
@@ -83,43 +97,73 @@ class Bridge:
     # -- one pass -------------------------------------------------------------
 
     def run_once(self) -> int:
-        """Lock and hand off jobs until none is ready or the in-flight cap is reached."""
-        handed = 0
+        """Lock and hand off jobs until none is ready or the in-flight cap is reached.
+        A burst (a first batch that came back full) is drained over every lock
+        connection at once."""
         self._saturated = False
-        while not self._stopping.is_set():
-            locked, room = self._dispatch_batch(self._work_connection())
+        conn = self._work_connection()
+        handed, more = self._dispatch_batch(conn)
+        if not more:
+            return handed
+        if self._lockers is None:
+            return handed + self._lock_until_done(conn)
+        extra = [self._extra_connection(i) for i in range(len(self._extra_conns))]
+        running = [self._lockers.submit(self._lock_until_done, other) for other in extra]
+        try:
+            handed += self._lock_until_done(conn)
+        finally:
+            wait(running)  # no locker is left inside a transaction, whatever happened
+        return handed + sum(future.result() for future in running)  # re-raises theirs
+
+    def _lock_until_done(self, conn: Connection) -> int:
+        handed, more = 0, True
+        while more and not self._stopping.is_set():
+            locked, more = self._dispatch_batch(conn)
             handed += locked
-            if locked >= room:  # at the in-flight cap (or over it: the cap was lowered)
-                self._saturated = True
-                break
-            if locked < self.batch_size:
-                break
         return handed
 
-    def _dispatch_batch(self, conn: Connection) -> tuple[int, int]:
-        """Jobs locked and handed off in one transaction, and the in-flight room
-        there was before them."""
-        with conn.transaction():
-            batch = self._lock_jobs(conn)
+    def _dispatch_batch(self, conn: Connection) -> tuple[int, bool]:
+        """Jobs locked and handed off in one transaction, and whether there may be
+        more to lock now: the batch came back full, below the in-flight cap."""
+        with self._reservation() as reserved_elsewhere, conn.transaction():
+            batch = self._lock_jobs(conn, self.settings.max_in_flight - reserved_elsewhere)
             sendable = [job for job in batch.jobs if not self._reject_oversized(conn, job)]
             if sendable:
                 self.publisher.publish(sendable)
-        self.counters["locked"] += len(batch.jobs)
-        self.counters["dispatched"] += len(sendable)
-        return len(batch.jobs), batch.room
+        locked = len(batch.jobs)
+        self._count(locked=locked, dispatched=len(sendable))
+        if locked >= batch.room:  # at the in-flight cap (or over it: the cap was lowered)
+            self._saturated = True
+            return locked, False
+        return locked, locked == batch.allowed
 
-    def _lock_jobs(self, conn: Connection) -> LockedBatch:
-        # Counts the jobs this bridge holds, then makes up to min(batch size, room left)
-        # get_job calls, stopping at the first that finds nothing: one statement,
-        # one round trip, inside the caller's transaction.
+    @contextlib.contextmanager
+    def _reservation(self) -> Iterator[int]:
+        """Reserve a batch of in-flight room while one transaction locks; yields the
+        room other lock connections hold reserved now. A statement counts the jobs
+        committed before it began, and a reservation ends only after its commit, so
+        every batch is seen either in the count or in the reservations: the lock
+        connections together never exceed the cap."""
+        with self._reserved_lock:
+            elsewhere = self._reserved
+            self._reserved += self.batch_size
+        try:
+            yield elsewhere
+        finally:
+            with self._reserved_lock:
+                self._reserved -= self.batch_size
+
+    def _lock_jobs(self, conn: Connection, cap: int) -> LockedBatch:
+        # Counts the jobs this bridge holds, then makes up to min(batch size, room left
+        # under ``cap``) get_job calls, stopping at the first that finds nothing: one
+        # statement, one round trip, inside the caller's transaction.
         return self.jobs_db.get_jobs_under_cap(
-            conn,
-            self.worker_id,
-            self.task_filter,
-            self.job_expiry,
-            self.batch_size,
-            self.settings.max_in_flight,
+            conn, self.worker_id, self.task_filter, self.job_expiry, self.batch_size, cap
         )
+
+    def _count(self, **increments: int) -> None:
+        with self._counters_lock:
+            self.counters.update(increments)
 
     def _reject_oversized(self, conn: Connection, job: JobRow) -> bool:
         size = len(job.payload.encode())
@@ -128,7 +172,7 @@ class Bridge:
         message = f"payload too large: {size} bytes (limit {self.settings.max_payload_bytes})"
         self.jobs_db.fail_job(conn, self.worker_id, job.id, message)
         self.jobs_db.permanently_fail_jobs(conn, [job.id], message)
-        self.counters["oversized"] += 1
+        self._count(oversized=1)
         log.warning(
             "payload too large: failed permanently",
             extra={
@@ -158,6 +202,8 @@ class Bridge:
             except BROKER_ERRORS as exc:
                 self._on_failure("broker unavailable", exc)
         self._close()
+        if self._lockers is not None:
+            self._lockers.shutdown()
         self.reconciler.close()
         log.info(
             "bridge stopped",
@@ -172,7 +218,7 @@ class Bridge:
     def _on_failure(self, what: str, exc: Exception) -> None:
         # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
         self.failures += 1
-        self.counters["failures"] += 1
+        self._count(failures=1)
         self._close()
         self.reconciler.check_soon()  # the broker may have restarted meanwhile
         pause_after_failure(
@@ -223,8 +269,10 @@ class Bridge:
         """Counters of this incarnation and queue gauges read from Postgres (on a
         connection of its own: scrapes come from another thread)."""
         labels = (("worker_id", self.worker_id),)
+        with self._counters_lock:
+            counts = dict(self.counters)
         samples = [
-            Sample(name, "counter", help, float(self.counters[key]), labels)
+            Sample(name, "counter", help, float(counts.get(key, 0)), labels)
             for name, key, help in (
                 ("jobs_locked_total", "locked", "Jobs locked with get_job."),
                 ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
@@ -275,14 +323,23 @@ class Bridge:
 
     def _work_connection(self) -> Connection:
         if self._conn is None or self._conn.closed:
-            conn = db.connect(self.settings.conninfo(), autocommit=True)
-            try:
-                db.walk_job_index(conn)
-            except DatabaseError:
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = self._lock_connection()
         return self._conn
+
+    def _extra_connection(self, index: int) -> Connection:
+        conn = self._extra_conns[index]
+        if conn is None or conn.closed:
+            conn = self._extra_conns[index] = self._lock_connection()
+        return conn
+
+    def _lock_connection(self) -> Connection:
+        conn = db.connect(self.settings.conninfo(), autocommit=True)
+        try:
+            db.walk_job_index(conn)
+        except DatabaseError:
+            conn.close()
+            raise
+        return conn
 
     def _listen(self) -> Connection:
         """The dedicated LISTEN connection; after a reconnect the caller polls at once."""
@@ -295,7 +352,8 @@ class Bridge:
         return self._listener
 
     def _close(self) -> None:
-        for conn in (self._conn, self._listener):
+        for conn in (self._conn, self._listener, *self._extra_conns):
             if conn is not None:
                 conn.close()
         self._conn = self._listener = None
+        self._extra_conns = [None] * len(self._extra_conns)

@@ -141,6 +141,7 @@ def _json(value: Any) -> str:
 class LockedBatch:
     jobs: list[JobRow]
     room: int  # free in-flight slots before the batch: the cap minus the jobs held
+    allowed: int  # get_job calls the batch could make: min(its limit, the room)
 
 
 @dataclass(frozen=True)
@@ -275,9 +276,7 @@ class JobsDB:
             "SELECT room.free AS room_before, {columns} FROM room LEFT JOIN "
             "(SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j ON true "
             "ORDER BY j.n"
-        ).format(
-            schema=self._schema, call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS)
-        )
+        ).format(schema=self._schema, call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS))
         params = self._get_jobs_params(worker_id, task_identifiers, job_expiry, limit)
         params["cap"] = cap
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
@@ -285,7 +284,7 @@ class JobsDB:
             rows = cur.fetchall()
         room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
         jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
-        return LockedBatch(jobs, room)
+        return LockedBatch(jobs, room, max(0, min(limit, room)))
 
     def _get_job_call(self) -> sql.Composed:
         return sql.SQL(

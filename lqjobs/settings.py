@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     db_pool_size: int = _env("LQJOBS_DB_POOL_SIZE", default=32, ge=1)
     metrics_port: int | None = _env("LQJOBS_METRICS_PORT", default=None, ge=0, le=65535)
     max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
+    # Connections a bridge locks jobs on at once during a burst (a first batch that
+    # came back full); one at a time otherwise. Each is a Postgres backend.
+    lock_connections: int = _env("LQJOBS_LOCK_CONNECTIONS", default=2, ge=1, le=16)
     max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
     poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
     # Seconds between the bridge's checks for a restarted Redis (its run_id), after

@@ -62,18 +62,19 @@ def commit_before_publish() -> None:
     """The lock commits on its own before the publish (lock -> commit -> publish)."""
     from bridge.loop import Bridge
 
-    def dispatch(self: Bridge, conn: Any) -> tuple[int, int]:
+    def dispatch(self: Bridge, conn: Any) -> tuple[int, bool]:
         room = self.settings.max_in_flight - self.jobs_db.count_locked_by(conn, self.worker_id)
+        allowed = min(self.batch_size, room)
         jobs = []
-        for _ in range(min(self.batch_size, room)):  # in autocommit: each lock commits
+        for _ in range(allowed):  # in autocommit: each lock commits
             job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
             if job is None:
                 break
             jobs.append(job)
         if jobs:
             self.publisher.publish(jobs)
-        self.counters["locked"] += len(jobs)
-        return len(jobs), room
+        self._count(locked=len(jobs))
+        return len(jobs), 0 < len(jobs) == allowed < room
 
     Bridge._dispatch_batch = dispatch  # type: ignore[method-assign]
 
