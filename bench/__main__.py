@@ -34,21 +34,28 @@ from lqjobs import migrate
 from lqjobs.db import JobsDB, walk_job_index
 from lqjobs.dev import worker_argv
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+from lqjobs.executors import Done, Invocation, build_router, make_http_client
+from lqjobs.settings import load_settings
 
 TENANT = "00000000-0000-0000-0000-00000000bead"
 ROOT = Path(__file__).resolve().parent.parent
 QUIET = ("--without-heartbeat", "--without-mingle", "--without-gossip")
 
 
-def add_jobs(url: str, n: int, payload: dict[str, Any] | None = None) -> None:
-    """``n`` noop jobs through ``add_job``, in one statement (as a trigger adding a
-    batch would): the bench's own CPU stays off the cores being measured."""
+def add_jobs(url: str, n: int, payload: dict[str, Any] | None = None, task: str = "noop") -> None:
+    """``n`` jobs through ``add_job``, in one statement (as a trigger adding a batch
+    would): the bench's own CPU stays off the cores being measured."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
-            "SELECT count(app_jobs.add_job(%(tenant)s::uuid, 'noop', "
+            "SELECT count(app_jobs.add_job(%(tenant)s::uuid, %(task)s, "
             "coalesce(%(payload)s::json, json_build_object('i', i)))) "
             "FROM generate_series(0, %(n)s - 1) AS i",
-            {"tenant": TENANT, "payload": None if payload is None else json.dumps(payload), "n": n},
+            {
+                "tenant": TENANT,
+                "task": task,
+                "payload": None if payload is None else json.dumps(payload),
+                "n": n,
+            },
         )
 
 
@@ -170,6 +177,37 @@ class Stack:
             return []
         lines = self.calls_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line]
+
+
+def one_at_a_time(stack: Stack, url: str, n: int, payload: dict[str, Any]) -> float:
+    """The runtime lqjobs replaces: get_job, call the function, complete_job, one job
+    at a time on one connection; the call made by lqjobs' own Knative executor, to
+    the same function server, for a task the running bridge does not serve. Jobs
+    per second."""
+    settings = load_settings(
+        database_url=url,
+        jobs_support_any=True,
+        executor="knative",
+        knative_ingress_url=f"http://127.0.0.1:{stack.port}",
+    )
+    jobs_db, task = JobsDB(), "one-at-a-time"
+    add_jobs(url, n, payload, task)
+    with make_http_client(settings) as client, psycopg.connect(url, autocommit=True) as conn:
+        executor = build_router(settings, client).for_task(task)
+        started = time.monotonic()
+        while (job := jobs_db.get_job(conn, "bench-one-at-a-time", [task])) is not None:
+            invocation = Invocation(
+                job_id=job.id,
+                task_identifier=job.task_identifier,
+                database_id=str(job.database_id),
+                worker_id="bench-one-at-a-time",
+                attempt=job.attempts,
+                payload=job.payload,
+                call_id=f"one-at-a-time-{job.id}",
+            )
+            assert isinstance(executor.invoke(invocation), Done), "the function failed"
+            jobs_db.complete_job(conn, "bench-one-at-a-time", job.id)
+        return n / (time.monotonic() - started)
 
 
 def celery_alone(redis_url: str, n: int) -> float:
@@ -400,6 +438,7 @@ def main() -> None:
                 end_to_end(stack, pg.url, args.jobs // 2, {"sleep": 0.05}, groups)
                 for _ in range(args.runs)
             ]
+            single = measure(args.runs, lambda: one_at_a_time(stack, pg.url, 100, {"sleep": 0.05}))
             lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
             late = [delayed_latency(stack, pg.url, 100, 0.5) for _ in range(args.runs)]
             retry = [retry_latency(stack, pg.url, 50) for _ in range(args.runs)]
@@ -430,6 +469,9 @@ def main() -> None:
         print(
             row("end to end, 50 ms function (Knative)", [r for r, _ in slow_runs], "jobs/s", limit)
         )
+        print(row("  one at a time (get, call, complete), 50 ms", single, "jobs/s", limit))
+        gain = statistics.median(r for r, _ in slow_runs) / statistics.median(single)
+        print(f"{'  50 ms: end to end / one at a time':<44} {gain:9.1f} x       (medians)")
         print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
         print(row("latency add_job -> function called, p99", [p99 for _, p99 in lat], "ms", None))
         print(
