@@ -41,7 +41,10 @@ log = logging.getLogger(__name__)
 # What a broker outage raises; anything else is a bug and stops the bridge loudly.
 BROKER_ERRORS = (KombuError, RedisError, OSError)
 HOST_PART = re.compile(r"[A-Za-z0-9._-]{1,40}")
-SATURATED_RECHECK = 0.02  # seconds between in-flight checks while at the cap
+# Seconds between in-flight checks while at the cap. The queue then holds the cap
+# minus the workers' slots, so nobody waits on a recheck; a longer one tops up more
+# jobs per pass (20 ms: 0.73-0.80 ms of bridge CPU per end-to-end job, 50 ms: 0.46-0.51).
+SATURATED_RECHECK = 0.05
 WAIT_SLICE = 0.25  # longest uninterrupted wait, so stop() is honoured quickly
 
 
