@@ -138,7 +138,7 @@ class Bridge:
         if locked >= batch.room:  # at the in-flight cap (or over it: the cap was lowered)
             self._saturated = True
             return locked, False
-        return locked, locked == batch.allowed
+        return locked, locked == min(self.batch_size, batch.room)
 
     @contextlib.contextmanager
     def _reservation(self) -> Iterator[int]:

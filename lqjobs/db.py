@@ -137,11 +137,13 @@ def _json(value: Any) -> str:
     return value if isinstance(value, RawJson) else json.dumps(value)
 
 
+NO_CAP = 2**31 - 1  # get_jobs_under_cap's cap for a caller without one (an int4)
+
+
 @dataclass(frozen=True)
 class LockedBatch:
     jobs: list[JobRow]
     room: int  # free in-flight slots before the batch: the cap minus the jobs held
-    allowed: int  # get_job calls the batch could make: min(its limit, the room)
 
 
 @dataclass(frozen=True)
@@ -241,16 +243,9 @@ class JobsDB:
         transaction would be. It saves N-1 round trips and statement overheads."""
         if limit < 1:
             return []
-        query = sql.SQL(
-            "WITH RECURSIVE step(n, job) AS ("
-            "SELECT 1, {call} "
-            "UNION ALL "
-            "SELECT n + 1, {call} FROM step WHERE n < %(limit)s AND (job).id IS NOT NULL) "
-            "SELECT {columns} FROM (SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j "
-            "ORDER BY n"
-        ).format(call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS))
-        params = self._get_jobs_params(worker_id, task_identifiers, job_expiry, limit)
-        return self._many(conn, JobRow, query, params)
+        return self.get_jobs_under_cap(
+            conn, worker_id, task_identifiers, job_expiry, limit, NO_CAP
+        ).jobs
 
     def get_jobs_under_cap(
         self,
@@ -269,38 +264,33 @@ class JobsDB:
             "SELECT %(cap)s::int - count(*)::int AS free FROM {schema}.jobs "
             "WHERE locked_by = %(worker)s), "
             "step(n, job) AS ("
-            "SELECT 1, {call} FROM room WHERE free > 0 "
+            "SELECT 1, {call} FROM room WHERE free > 0 AND %(limit)s > 0 "
             "UNION ALL "
             "SELECT n + 1, {call} FROM step, room "
             "WHERE n < least(%(limit)s, free) AND (job).id IS NOT NULL) "
             "SELECT room.free AS room_before, {columns} FROM room LEFT JOIN "
             "(SELECT n, (job).* FROM step WHERE (job).id IS NOT NULL) j ON true "
             "ORDER BY j.n"
-        ).format(schema=self._schema, call=self._get_job_call(), columns=sql.SQL(JOB_COLUMNS))
-        params = self._get_jobs_params(worker_id, task_identifiers, job_expiry, limit)
-        params["cap"] = cap
+        ).format(
+            schema=self._schema,
+            call=sql.SQL(
+                "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
+            ).format(schema=self._schema),
+            columns=sql.SQL(JOB_COLUMNS),
+        )
+        params = {
+            "worker": worker_id,
+            "tasks": None if task_identifiers is None else list(task_identifiers),
+            "expiry": job_expiry,
+            "limit": limit,
+            "cap": cap,
+        }
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
             cur.execute(query, params)
             rows = cur.fetchall()
         room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
         jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
-        return LockedBatch(jobs, room, max(0, min(limit, room)))
-
-    def _get_job_call(self) -> sql.Composed:
-        return sql.SQL(
-            "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
-        ).format(schema=self._schema)
-
-    @staticmethod
-    def _get_jobs_params(
-        worker_id: str, task_identifiers: Sequence[str] | None, job_expiry: timedelta, limit: int
-    ) -> dict[str, Any]:
-        return {
-            "worker": worker_id,
-            "tasks": None if task_identifiers is None else list(task_identifiers),
-            "expiry": job_expiry,
-            "limit": limit,
-        }
+        return LockedBatch(jobs, room)
 
     def complete_job(self, conn: Connection, worker_id: str, job_id: int) -> JobRow | None:
         """Delete the job (by id only: this SQL does not check locked_by)."""
