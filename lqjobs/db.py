@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -173,6 +173,15 @@ class JobsDB:
     def __init__(self, schema: str = "app_jobs") -> None:
         self.schema = schema
         self._schema = sql.Identifier(schema)
+        self._rendered: dict[str, bytes] = {}
+
+    def _statement(self, conn: Connection, name: str, build: Callable[[], sql.Composed]) -> bytes:
+        """A per-job statement, composed and rendered once: psycopg would otherwise
+        re-render a ``Composed`` on every execute (a tenth of a job's database CPU)."""
+        query = self._rendered.get(name)
+        if query is None:
+            query = self._rendered[name] = build().as_bytes(conn)
+        return query
 
     def _call(self, function: str, columns: str, args: Sequence[sql.Composable]) -> sql.Composed:
         return sql.SQL("SELECT {columns} FROM {schema}.{function}({args})").format(
@@ -259,7 +268,23 @@ class JobsDB:
         """:meth:`get_jobs` for a worker that may hold at most ``cap`` jobs: the same
         statement first counts the jobs ``worker_id`` holds, then makes at most
         ``min(limit, cap - held)`` calls (a round trip fewer than counting apart)."""
-        query = sql.SQL(
+        query = self._statement(conn, "get_jobs_under_cap", self._get_jobs_under_cap_query)
+        params = {
+            "worker": worker_id,
+            "tasks": None if task_identifiers is None else list(task_identifiers),
+            "expiry": job_expiry,
+            "limit": limit,
+            "cap": cap,
+        }
+        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            rows = cur.fetchall()
+        room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
+        jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
+        return LockedBatch(jobs, room)
+
+    def _get_jobs_under_cap_query(self) -> sql.Composed:
+        return sql.SQL(
             "WITH RECURSIVE room AS ("
             "SELECT %(cap)s::int - count(*)::int AS free FROM {schema}.jobs "
             "WHERE locked_by = %(worker)s), "
@@ -278,19 +303,6 @@ class JobsDB:
             ).format(schema=self._schema),
             columns=sql.SQL(JOB_COLUMNS),
         )
-        params = {
-            "worker": worker_id,
-            "tasks": None if task_identifiers is None else list(task_identifiers),
-            "expiry": job_expiry,
-            "limit": limit,
-            "cap": cap,
-        }
-        with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)
-            rows = cur.fetchall()
-        room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
-        jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
-        return LockedBatch(jobs, room)
 
     def complete_job(self, conn: Connection, worker_id: str, job_id: int) -> JobRow | None:
         """Delete the job (by id only: this SQL does not check locked_by)."""
@@ -524,7 +536,8 @@ class JobsDB:
         if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
             raise ValueError("preflight needs an autocommit connection outside a transaction")
         with translated_errors(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(self.preflight_query(), self._lease_params(lease))
+            query = self._statement(conn, "preflight", self.preflight_query)
+            cur.execute(query, self._lease_params(lease))
             row = cur.fetchone()
         if row is None:
             return None, False
@@ -546,10 +559,15 @@ class JobsDB:
         )
 
     def release_advisory(self, conn: Connection, job_id: int) -> None:
-        query = sql.SQL("SELECT pg_advisory_unlock({ns}, {key})").format(
+        query = self._statement(conn, "release_advisory", self._release_advisory_query)
+        with translated_errors():
+            conn.execute(query, [job_id])
+
+    @staticmethod
+    def _release_advisory_query() -> sql.Composed:
+        return sql.SQL("SELECT pg_advisory_unlock({ns}, {key})").format(
             ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("%s::bigint"))
         )
-        self._void(conn, query, [job_id])
 
     def _with_release(self, query: sql.Composed, release_advisory: bool) -> sql.Composed:
         """``query`` (one row, one count) and, when asked, the job's advisory lock
@@ -571,13 +589,17 @@ class JobsDB:
         """complete_job, only while the row is held under ``lease``. Settling a job
         of a serial queue wakes the bridges: the queue's next job is ready now.
         ``release_advisory``: also release this session's advisory lock on the job."""
-        query = self._lease_cte() + sql.SQL(
-            ", done AS (SELECT lease.queue_name FROM lease, "
-            "LATERAL {schema}.complete_job(%(worker)s, lease.id) c) "
-            "SELECT count(*) FROM done "
-            "WHERE queue_name IS NULL OR pg_notify({channel}, '') IS NOT NULL"
-        ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
-        query = self._with_release(query, release_advisory)
+
+        def build() -> sql.Composed:
+            query = self._lease_cte() + sql.SQL(
+                ", done AS (SELECT lease.queue_name FROM lease, "
+                "LATERAL {schema}.complete_job(%(worker)s, lease.id) c) "
+                "SELECT count(*) FROM done "
+                "WHERE queue_name IS NULL OR pg_notify({channel}, '') IS NOT NULL"
+            ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
+            return self._with_release(query, release_advisory)
+
+        query = self._statement(conn, f"fenced_complete:{release_advisory}", build)
         return self._count(conn, query, self._lease_params(lease)) > 0
 
     def fenced_fail(
@@ -586,11 +608,15 @@ class JobsDB:
         """fail_job, only while the row is held under ``lease``; the SQL backs it off.
         Wakes the bridges so that the retry (and a serial queue's next job) runs on time.
         ``release_advisory``: also release this session's advisory lock on the job."""
-        query = self._lease_cte() + sql.SQL(
-            " SELECT count(*) FROM lease, LATERAL {schema}.fail_job(%(worker)s, lease.id, "
-            "%(message)s) f WHERE pg_notify({channel}, '') IS NOT NULL"
-        ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
-        query = self._with_release(query, release_advisory)
+
+        def build() -> sql.Composed:
+            query = self._lease_cte() + sql.SQL(
+                " SELECT count(*) FROM lease, LATERAL {schema}.fail_job(%(worker)s, lease.id, "
+                "%(message)s) f WHERE pg_notify({channel}, '') IS NOT NULL"
+            ).format(schema=self._schema, channel=sql.Literal(WAKE_CHANNEL))
+            return self._with_release(query, release_advisory)
+
+        query = self._statement(conn, f"fenced_fail:{release_advisory}", build)
         params = self._lease_params(lease) | {"message": error_message or "unknown error"}
         return self._count(conn, query, params) > 0
 
@@ -626,7 +652,7 @@ class JobsDB:
         held = lease == Lease(lease.job_id, locked_by, attempts, locked_at)
         return LeaseState.HELD if held else LeaseState.STALE
 
-    def _count(self, conn: Connection, query: sql.Composed, params: dict[str, Any]) -> int:
+    def _count(self, conn: Connection, query: sql.Composed | bytes, params: dict[str, Any]) -> int:
         with translated_errors():
             row = conn.execute(query, params).fetchone()
         return int(row[0]) if row else 0
