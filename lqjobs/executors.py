@@ -710,9 +710,12 @@ def _log_outcome(
     executor: str, invocation: Invocation, outcome: Outcome, status: int | None, seconds: float
 ) -> None:
     failed = isinstance(outcome, Failed)
+    level = logging.WARNING if failed else logging.INFO
+    if not logger.isEnabledFor(level):  # the fields cost more than the call to log
+        return
     permanent = isinstance(outcome, Failed) and outcome.permanent
     logger.log(
-        logging.WARNING if failed else logging.INFO,
+        level,
         "function invoked",
         extra={
             "action": "function_failed" if failed else "function_invoked",

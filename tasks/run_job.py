@@ -87,9 +87,10 @@ class StartedMarks:
     of a lease (a redelivery after a lost worker, or a re-published message) is
     told apart from the first start of its call.
 
-    One round trip per delivery: ``SET key 1 NX EX ttl`` claims the start, and in
-    the same pipeline ``ZSCORE`` asks the deferred-deadline set whether an earlier
-    delivery handed this lease to an asynchronous callback."""
+    One round trip per first delivery: ``SET key 1 NX EX ttl`` claims the start. Only
+    a delivery that finds the start claimed already asks (``ZSCORE``) the
+    deferred-deadline set whether the earlier delivery handed this lease to an
+    asynchronous callback."""
 
     def __init__(
         self, client: redis.Redis | None, ttl: timedelta, deferred_key: str = DEFERRED_KEY
@@ -109,17 +110,14 @@ class StartedMarks:
         if self.client is None:
             return Claim.FIRST
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.set(self._key(lease), b"1", nx=True, ex=self.ttl)
-            pipe.zscore(self.deferred_key, deferred_member(lease))
-            newly_set, deferred_until = pipe.execute()
+            if self.client.set(self._key(lease), b"1", nx=True, ex=self.ttl):
+                return Claim.FIRST
+            deferred_until = self.client.zscore(self.deferred_key, deferred_member(lease))
         except redis.RedisError:
             log.warning(
                 "could not claim the start of the call",
                 extra={"action": "start_claim_failed", "job_id": lease.job_id},
             )
-            return Claim.FIRST
-        if newly_set:
             return Claim.FIRST
         return Claim.STARTED if deferred_until is None else Claim.DEFERRED
 
