@@ -119,12 +119,8 @@ class Stack:
         self.named: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
-        server = (
-            f"import time; from pathlib import Path; from lqjobs.example_functions import "
-            f"FunctionServer; FunctionServer(port={self.port}, "
-            f"log_path=Path({str(self.calls_path)!r})).start(); time.sleep(10**6)"
-        )
-        self._spawn("functions", [sys.executable, "-c", server])
+        server = [sys.executable, "-m", "bench.functions", str(self.port), str(self.calls_path)]
+        self._spawn("functions", server)
         for n in range(self.workers):  # one process per core: a worker's threads share a GIL
             self._spawn(
                 f"worker-{n}",
