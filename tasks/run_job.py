@@ -29,7 +29,6 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-import httpx
 import redis
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -46,6 +45,7 @@ from lqjobs.executors import (
     Done,
     ExecutorRouter,
     Failed,
+    FunctionClient,
     Invocation,
     Outcome,
     build_router,
@@ -143,7 +143,7 @@ class JobRunner:
         self.results: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.metrics_server: MetricsServer | None = None
-        self.http_client: httpx.Client | None = None  # owned here when build_runner made it
+        self.http_client: FunctionClient | None = None  # owned here when build_runner made it
         self.callback_keys = (
             tokens.CallbackKeys.parse(settings.callback_keys.get_secret_value())
             if settings.callback_keys
@@ -339,7 +339,7 @@ def build_runner(settings: Settings) -> JobRunner:
         open=True,
         name="lqjobs-worker",
     )
-    client: httpx.Client = make_http_client(settings)
+    client = make_http_client(settings)
     broker = settings.broker_url.get_secret_value()
     marks_client = (
         redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None

@@ -24,6 +24,7 @@ from lqjobs.executors import (
     DevMapExecutor,
     Done,
     Failed,
+    FunctionClient,
     Invocation,
     JobExecutor,
     KnativeExecutor,
@@ -134,7 +135,7 @@ def functions() -> Iterator[FunctionServer]:
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[httpx.Client]:
+def client() -> Iterator[FunctionClient]:
     with make_http_client(Settings(http_connect_timeout=1.0, http_timeout=3.0)) as http:
         yield http
 
@@ -157,7 +158,7 @@ def canary() -> Iterator[Canary]:
 
 
 def test_openfaas_sync_sends_the_payload_and_standard_headers(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
     invocation = job(attempt=3, callback_url=receiver.url)
@@ -187,7 +188,7 @@ def test_openfaas_sync_sends_the_payload_and_standard_headers(
 )
 def test_sync_failures_are_mapped(
     functions: FunctionServer,
-    client: httpx.Client,
+    client: FunctionClient,
     payload: dict[str, Any],
     permanent: bool,
     message: str,
@@ -198,7 +199,7 @@ def test_sync_failures_are_mapped(
 
 
 def test_fail_times_fails_the_first_calls_of_a_job_then_succeeds(
-    functions: FunctionServer, client: httpx.Client
+    functions: FunctionServer, client: FunctionClient
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
     flaky = job(job_id=7, payload='{"fail_times": 2}')
@@ -212,7 +213,7 @@ def test_fail_times_fails_the_first_calls_of_a_job_then_succeeds(
 
 
 def test_openfaas_async_defers_and_the_callback_arrives_like_the_queue_worker_sends_it(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=True)
     invocation = job(payload='{"sleep": 0.3}', callback_url=receiver.url)
@@ -232,7 +233,7 @@ def test_openfaas_async_defers_and_the_callback_arrives_like_the_queue_worker_se
 
 
 def test_openfaas_async_failure_is_reported_in_the_callback(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=True)
     executor.invoke(job(payload='{"error": "boom"}', callback_url=receiver.url))
@@ -242,7 +243,7 @@ def test_openfaas_async_failure_is_reported_in_the_callback(
 
 
 def test_unreachable_async_function_gives_a_503_callback_without_function_headers(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=True)
     invocation = job(payload='{"unreachable": true}', callback_url=receiver.url)
@@ -257,7 +258,7 @@ def test_unreachable_async_function_gives_a_503_callback_without_function_header
 
 
 def test_dropped_callback_never_arrives(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=True)
     assert executor.invoke(job(payload='{"drop_callback": true}', callback_url=receiver.url)) == (
@@ -279,7 +280,7 @@ def test_dropped_callback_never_arrives(
     ],
 )
 def test_knative_through_the_ingress_routes_on_the_host_header(
-    functions: FunctionServer, client: httpx.Client, suffix: str | None, host: str
+    functions: FunctionServer, client: FunctionClient, suffix: str | None, host: str
 ) -> None:
     executor = KnativeExecutor(client, service_suffix=suffix, ingress_url=functions.url)
     assert executor.invoke(job()) == Done()
@@ -287,7 +288,7 @@ def test_knative_through_the_ingress_routes_on_the_host_header(
     assert (call.route, call.task, call.headers["host"]) == ("knative", "send-email", host)
 
 
-def test_devmap_calls_the_mapped_url(functions: FunctionServer, client: httpx.Client) -> None:
+def test_devmap_calls_the_mapped_url(functions: FunctionServer, client: FunctionClient) -> None:
     executor = DevMapExecutor(client, {"send-email": functions.dev_url("send-email")})
     assert executor.invoke(job()) == Done()
     (call,) = functions.calls.wait_for_calls(1)
@@ -295,7 +296,7 @@ def test_devmap_calls_the_mapped_url(functions: FunctionServer, client: httpx.Cl
 
 
 def test_devmap_unknown_task_never_falls_back_to_the_callback_url(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver
 ) -> None:
     executor = DevMapExecutor(client, {"send-email": functions.dev_url("send-email")})
     outcome = executor.invoke(job(task_identifier="resize-image", callback_url=receiver.url))
@@ -308,7 +309,7 @@ def test_devmap_unknown_task_never_falls_back_to_the_callback_url(
 
 
 def test_redirects_are_not_followed(
-    functions: FunctionServer, client: httpx.Client, canary: Canary
+    functions: FunctionServer, client: FunctionClient, canary: Canary
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
     outcome = executor.invoke(job(payload=json.dumps({"redirect": canary.url})))
@@ -338,7 +339,7 @@ def test_a_hanging_function_becomes_a_timeout(functions: FunctionServer) -> None
     assert call.status == 0  # the function was reached and never answered
 
 
-def test_a_closed_port_is_a_retryable_connection_failure(client: httpx.Client) -> None:
+def test_a_closed_port_is_a_retryable_connection_failure(client: FunctionClient) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -349,7 +350,7 @@ def test_a_closed_port_is_a_retryable_connection_failure(client: httpx.Client) -
 
 
 def test_a_dropped_connection_is_a_retryable_transport_error(
-    functions: FunctionServer, client: httpx.Client
+    functions: FunctionServer, client: FunctionClient
 ) -> None:
     executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
     outcome = executor.invoke(job(payload='{"unreachable": true}'))
@@ -379,7 +380,7 @@ def hostile_tasks(canary: Canary) -> list[str]:
 
 
 def test_hostile_task_names_reach_neither_the_canary_nor_any_function(
-    functions: FunctionServer, client: httpx.Client, receiver: CallbackReceiver, canary: Canary
+    functions: FunctionServer, client: FunctionClient, receiver: CallbackReceiver, canary: Canary
 ) -> None:
     executors: list[JobExecutor] = [
         OpenFaaSExecutor(client, functions.url, asynchronous=False),
@@ -409,7 +410,7 @@ def test_negative_control_naive_url_formatting_reaches_the_canary(canary: Canary
 # -- the fake server's own helpers --------------------------------------------------------------
 
 
-def test_call_log_is_mirrored_to_a_json_lines_file(tmp_path: Path, client: httpx.Client) -> None:
+def test_call_log_is_mirrored_to_a_json_lines_file(tmp_path: Path, client: FunctionClient) -> None:
     log_path = tmp_path / "calls.jsonl"
     with FunctionServer(log_path=log_path) as functions:
         executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
@@ -428,7 +429,7 @@ def test_wait_for_calls_gives_up_at_its_deadline(functions: FunctionServer) -> N
     assert time.monotonic() - started < 1.0
 
 
-def test_per_task_defaults_apply_under_the_payload(client: httpx.Client) -> None:
+def test_per_task_defaults_apply_under_the_payload(client: FunctionClient) -> None:
     with FunctionServer(tasks={"always-down": {"status": 503}}) as functions:
         executor = OpenFaaSExecutor(client, functions.url, asynchronous=False)
         down = executor.invoke(job(task_identifier="always-down"))

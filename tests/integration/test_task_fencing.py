@@ -10,7 +10,6 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-import httpx
 import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
@@ -18,7 +17,7 @@ from psycopg_pool import ConnectionPool
 from lqjobs.db import Connection, JobsDB
 from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
-from lqjobs.executors import build_router
+from lqjobs.executors import build_router, make_http_client
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
 from tasks.run_job import Claim, JobRunner, Result, StartedMarks
@@ -57,7 +56,7 @@ def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[J
     pool: ConnectionPool[Connection] = ConnectionPool(
         db_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True
     )
-    client = httpx.Client(timeout=5)
+    client = make_http_client(settings)
     yield JobRunner(settings, pool, build_router(settings, client), MemoryMarks())
     pool.close()
     client.close()

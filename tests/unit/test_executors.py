@@ -17,11 +17,13 @@ import httpx
 import pytest
 
 from lqjobs.errors import ConfigurationError, ExecutorError
+from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import (
     Deferred,
     DevMapExecutor,
     Done,
     Failed,
+    FunctionClient,
     HandlerRegistry,
     InvalidInvocation,
     Invocation,
@@ -92,8 +94,8 @@ class Recorder:
         self.requests.append(request)
         return httpx.Response(self.status, **self.reply)
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(transport=httpx.MockTransport(self), follow_redirects=False)
+    def client(self) -> FunctionClient:
+        return FunctionClient(httpx.Timeout(5), httpx.MockTransport(self))
 
 
 def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
@@ -333,9 +335,7 @@ def test_openfaas_rejects_a_bad_gateway_url(gateway: str) -> None:
     ],
 )
 def test_transport_errors_become_retryable_failures(exc: Exception, prefix: str) -> None:
-    client = httpx.Client(
-        transport=httpx.MockTransport(raising(exc)), timeout=httpx.Timeout(30, connect=5)
-    )
+    client = FunctionClient(httpx.Timeout(30, connect=5), httpx.MockTransport(raising(exc)))
     executor = OpenFaaSExecutor(client, "http://gateway:8080", asynchronous=False)
     outcome = executor.invoke(invocation())
     assert isinstance(outcome, Failed) and not outcome.permanent
@@ -392,7 +392,7 @@ def test_knative_rejects_bad_configuration(kwargs: dict[str, Any]) -> None:
 # -- SSRF: hostile task names never reach the transport ------------------------------------
 
 
-def http_executors(client: httpx.Client) -> list[JobExecutor]:
+def http_executors(client: FunctionClient) -> list[JobExecutor]:
     return [
         OpenFaaSExecutor(client, "http://gateway:8080", asynchronous=False),
         OpenFaaSExecutor(client, "http://gateway:8080", asynchronous=True),
@@ -502,7 +502,7 @@ def test_property_every_fetched_url_has_an_allowed_host(caplog: pytest.LogCaptur
         fetched.append(request)
         return httpx.Response(200)
 
-    client = httpx.Client(transport=httpx.MockTransport(guard))
+    client = FunctionClient(httpx.Timeout(5), httpx.MockTransport(guard))
     executors = http_executors(client)
     for _ in range(3000):
         task = random_identifier(rng)
@@ -620,12 +620,31 @@ def test_registry_refuses_a_second_handler_for_a_task() -> None:
 # -- client and router -----------------------------------------------------------------------
 
 
-def test_http_client_never_follows_redirects_nor_reads_proxy_settings() -> None:
+def test_http_client_takes_its_timeouts_from_settings() -> None:
     settings = Settings(http_connect_timeout=2.5, http_timeout=12)
     with make_http_client(settings) as client:
-        assert client.follow_redirects is False
-        assert client.trust_env is False
         assert client.timeout == httpx.Timeout(12, connect=2.5)
+
+
+def test_http_client_never_reads_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    dead_proxy = "http://127.0.0.1:9"  # discard port: nothing listens
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with FunctionServer() as functions:
+        url = functions.dev_url("send-email")
+        settings = Settings(http_connect_timeout=1, http_timeout=3)
+        with (
+            make_http_client(settings) as client,
+            client.post(url, {"Content-Type": "application/json"}, b"{}") as response,
+        ):
+            assert response.status_code == 200
+        assert len(functions.calls.all()) == 1
+        # negative control: a client that honours the environment goes to the dead proxy
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(url, content=b"{}", trust_env=True, timeout=1)
+        assert len(functions.calls.all()) == 1
 
 
 def test_router_picks_the_executor_per_task_and_reuses_it() -> None:
