@@ -335,7 +335,8 @@ def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
     (SIGSTOP), as the SQL limit's are added before its clock starts; the clock starts
     when it resumes, with their NOTIFY waiting."""
     env = stack.env | {"LQJOBS_MAX_IN_FLIGHT": str(n + 10), "LQJOBS_LOG_LEVEL": "INFO"}
-    log = (stack.folder / "bridge-ceiling.log").open("ab")
+    log_path = stack.folder / "bridge-ceiling.log"
+    log = log_path.open("wb")  # a fresh log: the start line of an earlier run must not count
     bridge = subprocess.Popen(
         [sys.executable, "-m", "lqjobs", "bridge"],
         env=env,
@@ -345,7 +346,7 @@ def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
     )
     try:
         wait_until(
-            lambda: "bridge started" in (stack.folder / "bridge-ceiling.log").read_text(),
+            lambda: "bridge started" in log_path.read_text(),
             60,
             "the bridge to start",
         )
@@ -358,6 +359,7 @@ def dispatch_ceiling(stack: Stack, url: str, n: int) -> tuple[float, float]:
     finally:
         bridge.terminate()
         bridge.wait(30)
+        log.close()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM app_jobs.jobs")
     redis_client = Redis.from_url(stack.env["LQJOBS_BROKER_URL"])
