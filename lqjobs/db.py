@@ -209,7 +209,9 @@ class JobsDB:
             cur.execute(query, params)
             return [model.model_validate(row) for row in cur.fetchall()]
 
-    def _void(self, conn: Connection, query: sql.SQL | sql.Composed, params: Sequence[Any]) -> None:
+    def _void(
+        self, conn: Connection, query: sql.SQL | sql.Composed | bytes, params: Sequence[Any]
+    ) -> None:
         with translated_errors():
             conn.execute(query, params)
 
@@ -560,8 +562,7 @@ class JobsDB:
 
     def release_advisory(self, conn: Connection, job_id: int) -> None:
         query = self._statement(conn, "release_advisory", self._release_advisory_query)
-        with translated_errors():
-            conn.execute(query, [job_id])
+        self._void(conn, query, [job_id])
 
     @staticmethod
     def _release_advisory_query() -> sql.Composed:
