@@ -10,6 +10,7 @@ go into headers (S3). ``httpx.HTTPError`` is caught here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -239,18 +240,18 @@ class _Origin:
             port = None
         return cls(parts.scheme, parts.hostname, port, parts.path)
 
-    def url(self, path: str = "") -> str:
-        """This origin's URL with ``path`` appended below its own path."""
+    def url(self, path: str = "") -> httpx.URL:
+        """This origin's URL with ``path`` appended below its own path, checked."""
         full_path = (self.path.rstrip("/") + path if path else self.path) or "/"
         host = f"[{self.host}]" if ":" in self.host else self.host
         netloc = host if self.port is None else f"{host}:{self.port}"
         url = urlunsplit((self.scheme, netloc, full_path, "", ""))
-        _check_url(url, self.scheme, self.host, self.port, full_path)
-        return url
+        return _check_url(url, self.scheme, self.host, self.port, full_path)
 
 
-def _check_url(url: str, scheme: str, host: str, port: int | None, path: str) -> None:
-    """Refuse unless the HTTP client will see exactly the intended origin and path."""
+def _check_url(url: str, scheme: str, host: str, port: int | None, path: str) -> httpx.URL:
+    """``url`` parsed as the HTTP client will send it; refused unless that is exactly
+    the intended origin and path."""
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
@@ -267,6 +268,7 @@ def _check_url(url: str, scheme: str, host: str, port: int | None, path: str) ->
     )
     if actual != intended or scheme not in _DEFAULT_PORTS:
         raise InvalidInvocation("refusing to call a URL outside the intended origin")
+    return parsed
 
 
 def _service_suffix(value: str) -> tuple[str, int | None]:
@@ -287,7 +289,7 @@ def _service_suffix(value: str) -> tuple[str, int | None]:
 
 @dataclass(frozen=True)
 class _Request:
-    url: str
+    url: httpx.URL  # checked: exactly what is sent
     headers: dict[str, str]
     body: bytes
 
@@ -310,21 +312,21 @@ class FunctionClient:
         "User-Agent": "lqjobs",
         "Accept-Encoding": "identity",
     }
-    MAX_CACHED_URLS = 1024
 
     def __init__(self, timeout: httpx.Timeout, transport: httpx.BaseTransport) -> None:
         self.timeout = timeout
         self._transport = transport
         self._extensions = {"timeout": timeout.as_dict()}
-        self._urls: dict[str, httpx.URL] = {}  # parsing a URL costs as much as sending
 
     @contextlib.contextmanager
-    def post(self, url: str, headers: Mapping[str, str], body: bytes) -> Iterator[httpx.Response]:
+    def post(
+        self, url: httpx.URL, headers: Mapping[str, str], body: bytes
+    ) -> Iterator[httpx.Response]:
         """POST ``body``; the response's body is read from the stream, at most as much
         as the caller asks for, and the connection goes back to the pool on exit."""
         request = httpx.Request(
             "POST",
-            self._url(url),
+            url,
             headers={**self.DEFAULT_HEADERS, **headers},
             content=body,
             extensions=self._extensions,
@@ -334,14 +336,6 @@ class FunctionClient:
             yield response
         finally:
             response.close()
-
-    def _url(self, url: str) -> httpx.URL:
-        parsed = self._urls.get(url)
-        if parsed is None:
-            if len(self._urls) >= self.MAX_CACHED_URLS:  # one URL per task name: bounded
-                self._urls.clear()
-            parsed = self._urls[url] = httpx.URL(url)
-        return parsed
 
     def close(self) -> None:
         self._transport.close()
@@ -538,15 +532,22 @@ class KnativeExecutor(_HttpExecutor):
         host = f"{function_name(task)}.{self._suffix}"
         return host if self._port is None else f"{host}:{self._port}"
 
+    @functools.cached_property
+    def _ingress_url(self) -> httpx.URL | None:
+        """The ingress' URL, the same for every task: built and checked once (a check
+        that fails is not cached, so every job fails as before). None: no ingress."""
+        return None if self._ingress is None else self._ingress.url("/")
+
     def _request(self, invocation: Invocation) -> _Request:
         authority = self.service_host(invocation.task_identifier)
         headers = build_headers(invocation)
-        if self._ingress is not None:
+        ingress = self._ingress_url
+        if ingress is not None:
             headers["Host"] = authority
-            return _Request(self._ingress.url("/"), headers, _body(invocation))
-        url = f"http://{authority}/"
+            return _Request(ingress, headers, _body(invocation))
         host = authority.partition(":")[0]
-        _check_url(url, "http", host, self._port if self._port != 80 else None, "/")
+        port = self._port if self._port != 80 else None
+        url = _check_url(f"http://{authority}/", "http", host, port, "/")
         return _Request(url, headers, _body(invocation))
 
 

@@ -633,7 +633,7 @@ def test_http_client_never_reads_proxy_settings(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     with FunctionServer() as functions:
-        url = functions.dev_url("send-email")
+        url = httpx.URL(functions.dev_url("send-email"))
         settings = Settings(http_connect_timeout=1, http_timeout=3)
         with (
             make_http_client(settings) as client,
