@@ -7,7 +7,8 @@ worker``). With them it first installs, in this process only:
 
 ``CHAOS_FAULT=<point>:<probability>``
     the process SIGKILLs itself at a fault point, drawn from a RNG seeded with
-    ``CHAOS_SEED`` and ``CHAOS_INCARNATION`` (so a run can be replayed). Points:
+    ``CHAOS_SEED``, ``CHAOS_COMPONENT`` and ``CHAOS_INCARNATION`` (so a run can be
+    replayed). Points:
     ``bridge.before_publish`` (jobs locked, nothing published, no commit) and
     ``bridge.after_publish`` (published, not committed).
 ``CHAOS_SABOTAGE=<protection>[,<protection>...]``
@@ -18,6 +19,7 @@ worker``). With them it first installs, in this process only:
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import signal
@@ -30,6 +32,32 @@ from psycopg.rows import dict_row
 Patch = Callable[[], None]
 
 
+def replace(owner: Any, name: str, replacement: Callable[..., Any]) -> None:
+    """Set ``owner.name`` to ``replacement``, refusing one whose parameters differ from
+    the original's: a patch that no longer fits the code it replaces would crash the
+    process instead of switching the protection off, and a negative control could then
+    "fail" for the wrong reason."""
+    original = getattr(owner, name)
+    want, got = _parameters(original), _parameters(replacement)
+    if want != got:
+        raise TypeError(f"chaos patch for {name} takes {got}, the original takes {want}")
+    setattr(owner, name, replacement)
+
+
+def _parameters(function: Callable[..., Any]) -> str:
+    """``(self, conn, lease, *, release_advisory)``: names and kinds, no annotations."""
+    signature = inspect.signature(function)
+    return str(
+        signature.replace(
+            parameters=[
+                p.replace(annotation=p.empty, default=p.empty)
+                for p in signature.parameters.values()
+            ],
+            return_annotation=signature.empty,
+        )
+    )
+
+
 def _die_maybe(rng: random.Random, probability: float) -> None:
     if rng.random() < probability:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -39,7 +67,9 @@ def install_fault(spec: str, seed: str) -> None:
     from bridge.publisher import CeleryPublisher
 
     point, _, probability = spec.partition(":")
-    rng = random.Random(f"{seed}:{point}:{os.environ.get('CHAOS_INCARNATION', '0')}")
+    # each component draws its own sequence: two bridges must not die in lockstep
+    component = os.environ.get("CHAOS_COMPONENT", "")
+    rng = random.Random(f"{seed}:{component}:{point}:{os.environ.get('CHAOS_INCARNATION', '0')}")
     chance = float(probability)
     publish = CeleryPublisher.publish
 
@@ -52,7 +82,7 @@ def install_fault(spec: str, seed: str) -> None:
 
     if point not in ("bridge.before_publish", "bridge.after_publish"):
         raise SystemExit(f"unknown fault point {point!r}")
-    CeleryPublisher.publish = faulty_publish  # type: ignore[method-assign]
+    replace(CeleryPublisher, "publish", faulty_publish)
 
 
 # -- sabotage: each switches one protection off --------------------------------------
@@ -76,7 +106,7 @@ def commit_before_publish() -> None:
         self._count(locked=len(jobs))
         return len(jobs), 0 < len(jobs) == allowed < room
 
-    Bridge._dispatch_batch = dispatch  # type: ignore[method-assign]
+    replace(Bridge, "_dispatch_batch", dispatch)
 
 
 def no_lease_check() -> None:
@@ -92,17 +122,20 @@ def no_lease_check() -> None:
             row = cur.fetchone()
         return (None, False) if row is None else (JobRow.model_validate(row), True)
 
-    def complete(self: JobsDB, conn: Any, lease: Any) -> bool:
+    # no advisory lock was taken above, so there is none to release
+    def complete(self: JobsDB, conn: Any, lease: Any, *, release_advisory: bool = False) -> bool:
         self.complete_job(conn, lease.worker_id, lease.job_id)
         return True
 
-    def fail(self: JobsDB, conn: Any, lease: Any, message: str) -> bool:
-        self.fail_job(conn, lease.worker_id, lease.job_id, message or "unknown error")
+    def fail(
+        self: JobsDB, conn: Any, lease: Any, error_message: str, *, release_advisory: bool = False
+    ) -> bool:
+        self.fail_job(conn, lease.worker_id, lease.job_id, error_message or "unknown error")
         return True
 
-    JobsDB.preflight = preflight  # type: ignore[method-assign]
-    JobsDB.fenced_complete = complete  # type: ignore[method-assign]
-    JobsDB.fenced_fail = fail  # type: ignore[method-assign]
+    replace(JobsDB, "preflight", preflight)
+    replace(JobsDB, "fenced_complete", complete)
+    replace(JobsDB, "fenced_fail", fail)
 
 
 def no_advisory_lock() -> None:
@@ -115,7 +148,7 @@ def no_advisory_lock() -> None:
         job, _locked = preflight(self, conn, lease)
         return job, job is not None
 
-    JobsDB.preflight = unguarded  # type: ignore[method-assign]
+    replace(JobsDB, "preflight", unguarded)
 
 
 def shared_worker_id() -> None:
@@ -123,7 +156,7 @@ def shared_worker_id() -> None:
     import bridge.loop
     from lqjobs import db
 
-    bridge.loop.new_worker_id = lambda hostname: "worker-0"  # type: ignore[assignment]
+    replace(bridge.loop, "new_worker_id", lambda hostname: "worker-0")
     run_forever = bridge.loop.Bridge.run_forever
 
     def released_first(self: bridge.loop.Bridge) -> None:
@@ -131,7 +164,7 @@ def shared_worker_id() -> None:
             self.jobs_db.release_jobs(conn, self.worker_id)
         run_forever(self)
 
-    bridge.loop.Bridge.run_forever = released_first  # type: ignore[method-assign]
+    replace(bridge.loop.Bridge, "run_forever", released_first)
 
 
 def unauthenticated_callbacks() -> None:
@@ -156,14 +189,14 @@ def unauthenticated_callbacks() -> None:
                 self.jobs_db.fail_job(conn, worker, int(job_id), report.message)
         return Reply(200, "completed" if report.success else "failed")
 
-    CallbackService.handle = handle  # type: ignore[method-assign]
+    replace(CallbackService, "handle", handle)
 
 
 def no_callback_deadline() -> None:
     """A deferred job waits for its callback until the lease expires."""
     from lqjobs.deadlines import DeferredDeadlines
 
-    DeferredDeadlines.record = lambda self, lease, seconds: None  # type: ignore[method-assign]
+    replace(DeferredDeadlines, "record", lambda self, lease, seconds: None)
 
 
 def task_name_in_url() -> None:
@@ -176,7 +209,7 @@ def task_name_in_url() -> None:
         url = f"http://{invocation.task_identifier}.{suffix}"
         return _Request(url, build_headers(invocation), _body(invocation))
 
-    KnativeExecutor._request = request  # type: ignore[method-assign]
+    replace(KnativeExecutor, "_request", request)
 
 
 SABOTAGE: dict[str, Patch] = {
@@ -194,7 +227,7 @@ def skip_timeout_ladder() -> None:
     """Let a scenario misconfigure the ladder on purpose (F6: V below the call time)."""
     from lqjobs.settings import Settings
 
-    Settings.timeout_ladder_problems = lambda self: []  # type: ignore[method-assign]
+    replace(Settings, "timeout_ladder_problems", lambda self: [])
 
 
 def main() -> None:

@@ -90,7 +90,7 @@ class Component:
         return self.logs / f"{self.name}.log"
 
     def _spawn(self) -> subprocess.Popen[bytes]:
-        env = self.env | {"CHAOS_INCARNATION": str(self.incarnation)}
+        env = self.env | {"CHAOS_COMPONENT": self.name, "CHAOS_INCARNATION": str(self.incarnation)}
         self.spawned_at = time.monotonic()
         with self.log_path.open("ab") as log:
             return subprocess.Popen(
