@@ -61,6 +61,13 @@ class Row:
     bounds: Bounds
     negative: Result | None = None  # the same scenario with its protection off
     negative_label: str = ""
+    # what the oracle must see in the negative run (prefixes of ``failures``): the bug
+    # the protection prevents, not just any breakage
+    negative_shows: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.negative is not None and not self.negative_shows:
+            raise ValueError(f"{self.id}: a negative control must name the failure it shows")
 
     @property
     def failures(self) -> list[str]:
@@ -73,7 +80,10 @@ class Row:
             return None
         if not all(self.negative.preconditions.values()):
             return False
-        return bool(failures(self.negative, self.bounds))
+        seen = failures(self.negative, self.bounds)
+        return bool(seen) and all(
+            any(why.startswith(expected) for why in seen) for expected in self.negative_shows
+        )
 
     @property
     def passed(self) -> bool:
@@ -103,7 +113,8 @@ def cells(row: Row) -> tuple[str, ...]:
     if row.negative is None:
         negative = "-"
     elif row.negative_caught:
-        why = failures(row.negative, row.bounds)[0]
+        seen = failures(row.negative, row.bounds)
+        why = next((w for w in seen if w.startswith(row.negative_shows)), seen[0])
         negative = f"yes: {row.negative_label}: {why}"
     else:
         negative = f"NO: {row.negative_label} went unnoticed"

@@ -37,9 +37,27 @@ def test_bounds_fail_a_row_on_loss_overlap_stranding_and_excess_duplicates() -> 
 def test_a_negative_control_counts_only_when_its_preconditions_held() -> None:
     ok = Result(Tally(jobs=1, completed=1), 1, 1.0)
     buggy = Result(Tally(jobs=1, overlapping=1), 1, 1.0)
-    row = Row("R", "t", ok, Bounds(), buggy, "off")
+    row = Row("R", "t", ok, Bounds(), buggy, "off", ("overlapping",))
     assert row.negative_caught is True and row.passed
     buggy.preconditions["faults injected"] = False
     assert row.negative_caught is False and not row.passed
-    unnoticed = Row("R", "t", ok, Bounds(), Result(Tally(jobs=1, completed=1), 1, 1.0), "off")
+    clean = Result(Tally(jobs=1, completed=1), 1, 1.0)
+    unnoticed = Row("R", "t", ok, Bounds(), clean, "off", ("overlapping",))
     assert unnoticed.negative_caught is False and not unnoticed.passed
+
+
+def test_a_negative_control_counts_only_when_it_shows_the_bug_it_names() -> None:
+    # a control that breaks the run some other way (here: every job stranded by a
+    # crash) proves nothing about the protection it switched off
+    ok = Result(Tally(jobs=2, completed=2), 1, 1.0)
+    crashed = Result(Tally(jobs=2, stranded=2), 1, None)
+    row = Row("R", "t", ok, Bounds(), crashed, "no lease check", ("overlapping",))
+    assert row.negative_caught is False and not row.passed
+    overlapped = Result(Tally(jobs=2, completed=2, overlapping=1), 1, 1.0)
+    row = Row("R", "t", ok, Bounds(), overlapped, "no lease check", ("overlapping",))
+    assert row.negative_caught is True and row.passed
+    both = ("check failed: a", "check failed: b")
+    half = Result(Tally(jobs=1, completed=1), 1, 1.0, checks={"a": False, "b": True})
+    assert Row("R", "t", ok, Bounds(), half, "off", both).negative_caught is False
+    half.checks["b"] = False
+    assert Row("R", "t", ok, Bounds(), half, "off", both).negative_caught is True

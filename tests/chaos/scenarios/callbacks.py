@@ -113,6 +113,7 @@ def r11(cluster: Cluster, scale: Scale) -> Row:
         Bounds(),
         once(False),
         "no callback authentication",
+        ("check failed: forged callbacks change no row",),
     )
 
 
@@ -254,4 +255,5 @@ def r17(cluster: Cluster, scale: Scale) -> Row:
         Bounds(duplicated=len(range(0, n, 10))),
         once(False),
         "upstream callback server, no deadline",
+        ("check failed: unreachable", "check failed: dropped"),
     )

@@ -118,6 +118,7 @@ def r13(cluster: Cluster, scale: Scale) -> Row:
         Bounds(attempts_burned=None),
         once(False),
         "task name in the URL",
+        ("check failed: the canary",),
     )
 
 

@@ -64,6 +64,7 @@ def r01(cluster: Cluster, scale: Scale) -> Row:
         Bounds(),
         once(False),
         "lock committed before publish",
+        ("stranded",),
     )
 
 
@@ -78,6 +79,7 @@ def r02(cluster: Cluster, scale: Scale) -> Row:
         Bounds(),
         once(False),
         "no lease check in the task",
+        ("overlapping",),
     )
 
 
@@ -143,6 +145,7 @@ def r04(cluster: Cluster, scale: Scale) -> Row:
         Bounds(duplicated=bound, attempts_burned=bound, recovery=20),
         once(False),
         "reconciler off",
+        ("stranded",),
     )
 
 
@@ -215,6 +218,7 @@ def r06(cluster: Cluster, scale: Scale) -> Row:
         Bounds(),
         once(False),
         "no advisory lock",
+        ("duplicated",),
     )
 
 
@@ -268,6 +272,7 @@ def r07(cluster: Cluster, scale: Scale) -> Row:
         Bounds(recovery=100),
         once(False),
         "one worker id, release_jobs on start, no lease check",
+        ("overlapping",),
     )
 
 
