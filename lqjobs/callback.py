@@ -106,19 +106,21 @@ class CallbackService:
         jobs_db: db.JobsDB,
         deadlines: DeferredDeadlines | None = None,
         deadline_seconds: float = 300.0,
+        retry_on_404: bool = True,
     ) -> None:
         self.keys = keys
         self.pool = pool
         self.jobs_db = jobs_db
         self.deadlines = deadlines
         self.deadline_seconds = deadline_seconds
+        self.retry_on_404 = retry_on_404
         self.counters: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def handle(self, request: CallbackRequest) -> Reply:
         try:
             claims = authenticate(self.keys, request)
-            report = parse_report(request.headers, request.body)
+            report = parse_report(request.headers, request.body, retry_on_404=self.retry_on_404)
         except Rejected as exc:
             return self.refused(Reply(exc.status, exc.result))
         if not report.final:
@@ -155,6 +157,8 @@ class CallbackService:
                 return state, False
             if report.success:
                 return state, self.jobs_db.fenced_complete(conn, lease)
+            if report.permanent:
+                return state, self.jobs_db.fenced_fail_permanently(conn, lease, report.message)
             return state, self.jobs_db.fenced_fail(conn, lease, report.message)
 
     def refused(self, reply: Reply) -> Reply:
@@ -389,6 +393,7 @@ def build_server(
         db.JobsDB(settings.jobs_schema),
         _deadlines(settings),
         settings.callback_deadline_seconds(),
+        settings.retry_on_404,
     )
     reaper = None
     if service.deadlines is not None:

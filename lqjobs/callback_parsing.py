@@ -7,7 +7,8 @@ A callback comes in one of three shapes:
 * legacy (the Node runtime): any POST carrying ``X-Job-Id``; it failed when
   ``X-Job-Error: true``, with the message in ``body.message``;
 * the OpenFaaS queue-worker's: the function's own reply (body and headers) plus
-  ``X-Function-Status`` (non-2xx = failure), ``X-Call-Id``, ``X-Function-Name``,
+  ``X-Function-Status`` (non-2xx = failure, permanent for the codes a synchronous
+  call fails permanently on), ``X-Call-Id``, ``X-Function-Name``,
   ``X-Duration-Seconds``. When the function was unreachable it is a 503 without
   any of the function's headers. The Pro queue-worker posts once the retries are
   over (``X-Retry`` = ``X-Retry-Max``); a failure still marked ``X-Retry`` <
@@ -30,6 +31,7 @@ from urllib.parse import parse_qs
 
 from lqjobs import tokens
 from lqjobs.errors import LqJobsError
+from lqjobs.executors import is_permanent_status
 from lqjobs.lease import Lease
 from lqjobs.logs import clean_text
 
@@ -58,6 +60,7 @@ class Report:
     success: bool
     message: str = ""
     final: bool = True  # False: an intermediate attempt the platform will retry itself
+    permanent: bool = False  # the function's status says a retry cannot help
 
 
 @dataclass(frozen=True)
@@ -105,9 +108,10 @@ def check_job_headers(headers: Mapping[str, str], lease: Lease) -> None:
         raise Rejected(401, "unauthorized")
 
 
-def parse_report(headers: Mapping[str, str], body: bytes) -> Report:
+def parse_report(headers: Mapping[str, str], body: bytes, *, retry_on_404: bool = True) -> Report:
     """The outcome a callback reports: body ``status``, then ``X-Job-Error``, then
-    ``X-Function-Status``, then the bare legacy POST."""
+    ``X-Function-Status``, then the bare legacy POST. A relayed status is classified
+    as a synchronous call's would be: 400, 401, 403, ... fail the job permanently."""
     relayed = "x-function-status" in headers  # the body is the function's own reply
     fields = _json_object(body, strict=not relayed)
     status = fields.get("status")
@@ -120,7 +124,7 @@ def parse_report(headers: Mapping[str, str], body: bytes) -> Report:
     if headers.get("x-job-error", "").strip().lower() == "true":
         return Report(False, _message(fields, body, ("message", "error"), "function failed"))
     if relayed:
-        return _relayed_report(headers, fields, body)
+        return _relayed_report(headers, fields, body, retry_on_404)
     if "x-job-id" in headers:
         return Report(True)
     raise Rejected(400, "bad_request")
@@ -152,7 +156,9 @@ def _message(fields: Mapping[str, Any], body: bytes, keys: tuple[str, ...], defa
     return default
 
 
-def _relayed_report(headers: Mapping[str, str], fields: Mapping[str, Any], body: bytes) -> Report:
+def _relayed_report(
+    headers: Mapping[str, str], fields: Mapping[str, Any], body: bytes, retry_on_404: bool
+) -> Report:
     raw = headers["x-function-status"].strip()
     if not _HTTP_STATUS.fullmatch(raw):
         raise Rejected(400, "bad_request")
@@ -161,7 +167,10 @@ def _relayed_report(headers: Mapping[str, str], fields: Mapping[str, Any], body:
         return Report(True)
     detail = _message(fields, body, ("message", "error"), "")
     message = f"function failed with status {code}" + (f": {detail}" if detail else "")
-    return Report(False, error_text(message), final=not _retried_later(headers))
+    permanent = is_permanent_status(code, retry_on_404)
+    return Report(
+        False, error_text(message), final=not _retried_later(headers), permanent=permanent
+    )
 
 
 def _retried_later(headers: Mapping[str, str]) -> bool:

@@ -140,10 +140,11 @@ def classify_status(
     excerpt = clean_text(detail)
     if excerpt:
         message += f": {excerpt}"
-    return Failed(message, permanent=_is_permanent(status, retry_on_404))
+    return Failed(message, permanent=is_permanent_status(status, retry_on_404))
 
 
-def _is_permanent(status: int, retry_on_404: bool) -> bool:
+def is_permanent_status(status: int, retry_on_404: bool) -> bool:
+    """Whether a function's non-2xx status means retrying cannot help (F13)."""
     if status == 404:
         return not retry_on_404
     if status in _PERMANENT_4XX:

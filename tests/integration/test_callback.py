@@ -148,6 +148,22 @@ def test_a_legacy_error_and_a_header_less_503_fail_the_token_s_job(
     assert row["last_error"] == "function failed with status 503"
 
 
+def test_a_relayed_4xx_fails_the_job_permanently_and_a_404_retries(
+    server: CallbackServer, conn: Conn
+) -> None:
+    # the same classification as a synchronous call's (reliability.md F13)
+    rejected, missing = lock(conn, max_attempts=5), lock(conn, max_attempts=5)
+    for lease, status in [(rejected, "400"), (missing, "404")]:
+        headers = {"X-Function-Status": status, "X-Call-Id": "c", "X-Function-Name": "async-task"}
+        assert post(server, token(lease), b"no", headers) == (200, {"result": "failed"})
+    parked, retried = job(conn, rejected.job_id), job(conn, missing.job_id)
+    assert parked is not None and retried is not None
+    assert (parked["attempts"], parked["locked_by"]) == (5, None)
+    assert parked["last_error"] == "function failed with status 400: no"
+    assert (retried["attempts"], retried["locked_by"]) == (1, None)
+    assert retried["last_error"] == "function failed with status 404: no"
+
+
 # -- duplicates and late callbacks --------------------------------------------------------
 
 

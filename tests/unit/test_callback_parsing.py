@@ -67,6 +67,33 @@ def test_queue_worker_shape_uses_the_function_status() -> None:
     assert text == Report(False, "function failed with status 502: upstream broken")
 
 
+@pytest.mark.parametrize(
+    ("status", "retry_on_404", "permanent"),
+    [
+        ("400", True, True),
+        ("401", True, True),
+        ("403", True, True),
+        ("410", True, True),
+        ("422", True, True),
+        ("404", True, False),
+        ("404", False, True),
+        ("408", True, False),
+        ("429", True, False),
+        ("500", True, False),
+        ("503", True, False),
+    ],
+)
+def test_a_relayed_status_is_permanent_exactly_where_a_synchronous_call_s_is(
+    status: str, retry_on_404: bool, permanent: bool
+) -> None:
+    relayed = {"x-function-status": status, "x-call-id": "c"}
+    report = parse_report(relayed, b"", retry_on_404=retry_on_404)
+    assert not report.success and report.final
+    assert report.permanent is permanent
+    # the neutral and legacy shapes carry no status: the function asked for a retry
+    assert parse_report({}, body({"status": "error", "error": "e"})).permanent is False
+
+
 def test_header_less_503_of_an_unreachable_function_is_a_failure() -> None:
     report = parse_report({"x-function-status": "503", "x-call-id": "c"}, b"")
     assert report == Report(False, "function failed with status 503")
