@@ -16,6 +16,7 @@ Behaviour comes from the job payload (a JSON object) over per-task defaults
 given as ``FunctionServer(tasks={"slow": {"sleep": 1}})``:
 
 ``sleep``: seconds     work this long before answering
+``fast_calls``: int    the first N calls of a job skip ``sleep``
 ``status``: int        answer with this status (default 200)
 ``error``: str         fail with this message
 ``fail_times``: int    fail the first N calls for this job id, then succeed
@@ -58,6 +59,7 @@ class Behaviour:
     """What a function does for one call; see the module docstring."""
 
     sleep: float = 0.0
+    fast_calls: int = 0
     status: int = 200
     error: str | None = None
     fail_times: int = 0
@@ -277,7 +279,7 @@ class FunctionServer:
             self._record(call, _Reply(0))
             self._stopping.wait()
             return None
-        if behaviour.sleep > 0:
+        if behaviour.sleep > 0 and nth > behaviour.fast_calls:
             self._stopping.wait(behaviour.sleep)
         echoed = {
             name: call.headers[name.lower()] for name in _ECHOED if name.lower() in call.headers
@@ -295,6 +297,12 @@ class FunctionServer:
                 behaviour.status, headers, _json({"message": f"status {behaviour.status}"})
             )
         return _Reply(200, headers, _json({"complete": True, "task": call.task}))
+
+    def calls_in_progress(self) -> int:
+        """Calls started and not yet in ``calls`` (a hang is recorded as it starts)."""
+        with self._lock:
+            started = sum(self._seen.values())
+        return started - len(self.calls)
 
     def _count(self, call: _Call) -> int:
         key = (call.task, _int_header(call.headers, "x-job-id"))

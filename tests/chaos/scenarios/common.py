@@ -49,7 +49,10 @@ def finish(
     run.stop_components()
     if callable(fault_times):
         fault_times = fault_times()
-    time.sleep(0.3)  # a call answered as the worker stopped is in the log by now
+    # a call still running (its caller killed or gone) is judged once it has ended
+    until = time.monotonic() + 30
+    while run.functions.calls_in_progress() > 0 and time.monotonic() < until:
+        time.sleep(0.1)
     tally = judge(
         run.db_url,
         ids,
