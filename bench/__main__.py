@@ -31,7 +31,8 @@ from redis import Redis
 
 from bench import cpu
 from lqjobs import migrate
-from lqjobs.db import JobsDB, walk_job_index
+from lqjobs.db.base import walk_job_index
+from lqjobs.db.queue import Queue
 from lqjobs.dev import worker_argv
 from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 from lqjobs.executors import Done, Invocation, build_router, make_http_client
@@ -75,7 +76,7 @@ def sql_drain(url: str, n: int, connections: int, walk_index: bool = False) -> f
     """The raw SQL limit: get_job + complete_job in a loop, no Celery, no HTTP;
     ``walk_index``: on sessions set up as the bridge sets up its own."""
     add_jobs(url, n)
-    jobs_db = JobsDB()
+    jobs_db = Queue()
 
     def drain(index: int) -> None:
         worker = f"bench-sql-{index:04d}"
@@ -186,7 +187,7 @@ def one_at_a_time(stack: Stack, url: str, n: int, payload: dict[str, Any]) -> fl
         executor="knative",
         knative_ingress_url=f"http://127.0.0.1:{stack.port}",
     )
-    jobs_db, task = JobsDB(), "one-at-a-time"
+    jobs_db, task = Queue(), "one-at-a-time"
     add_jobs(url, n, payload, task)
     with make_http_client(settings) as client, psycopg.connect(url, autocommit=True) as conn:
         executor = build_router(settings, client).for_task(task)
@@ -245,7 +246,7 @@ def end_to_end(
 
 def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
     """add_job commit -> function called, one job every ``gap`` seconds (ms p50, p99)."""
-    jobs_db = JobsDB()
+    jobs_db = Queue()
     committed: dict[int, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:
         for _ in range(n):
@@ -264,7 +265,7 @@ def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
 def delayed_latency(stack: Stack, url: str, n: int, delay: float) -> tuple[float, float]:
     """How late after its run_at a delayed job is called (ms p50, p99): no NOTIFY comes
     when run_at arrives, so this measures the bridge's timer."""
-    jobs_db = JobsDB()
+    jobs_db = Queue()
     due: dict[int, float] = {}
     with psycopg.connect(url, autocommit=True) as conn:
         for _ in range(n):
@@ -282,7 +283,7 @@ def delayed_latency(stack: Stack, url: str, n: int, delay: float) -> tuple[float
 def retry_latency(stack: Stack, url: str, n: int) -> tuple[float, float]:
     """How late after its back-off a retried job is called (ms p50, p99): each job fails
     once; fail_job moves run_at by e^1 s from about the end of the first call."""
-    jobs_db = JobsDB()
+    jobs_db = Queue()
     ids: set[int] = set()
     with psycopg.connect(url, autocommit=True) as conn:
         for _ in range(n):

@@ -24,14 +24,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from datetime import timedelta
 
 from kombu.exceptions import KombuError
-from psycopg import sql
 from redis.exceptions import RedisError
 
 from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.backoff import pause_after_failure
-from lqjobs.db import Connection, JobsDB, LockedBatch
+from lqjobs.db import Connection
+from lqjobs.db.base import walk_job_index
+from lqjobs.db.queue import LockedBatch, Queue
+from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
@@ -73,7 +75,8 @@ class Bridge:
         self.batch_size = batch_size
         self.lock_connections = settings.lock_connections
         self.worker_id = worker_id or new_worker_id(settings.hostname)
-        self.jobs_db = JobsDB(settings.jobs_schema)
+        self.queue = Queue(settings.jobs_schema)
+        self.reads = Reads(settings.jobs_schema)
         self.task_filter = settings.task_filter()
         self.job_expiry = timedelta(seconds=settings.job_expiry)
         self.counters: Counter[str] = Counter()
@@ -94,7 +97,7 @@ class Bridge:
         )
         # F4: re-publishes this bridge's leases after a Redis restart (bridge/reconcile.py).
         self.reconciler = reconcile.build(
-            settings, self.jobs_db, self.worker_id, publisher, self.counters, batch_size
+            settings, self.reads, self.worker_id, publisher, self.counters, batch_size
         )
 
     # -- one pass -------------------------------------------------------------
@@ -160,7 +163,7 @@ class Bridge:
         # Counts the jobs this bridge holds, then makes up to min(batch size, room left
         # under ``cap``) get_job calls, stopping at the first that finds nothing: one
         # statement, one round trip, inside the caller's transaction.
-        return self.jobs_db.get_jobs_under_cap(
+        return self.queue.get_jobs_under_cap(
             conn, self.worker_id, self.task_filter, self.job_expiry, self.batch_size, cap
         )
 
@@ -173,8 +176,8 @@ class Bridge:
         if size <= self.settings.max_payload_bytes:
             return False
         message = f"payload too large: {size} bytes (limit {self.settings.max_payload_bytes})"
-        self.jobs_db.fail_job(conn, self.worker_id, job.id, message)
-        self.jobs_db.permanently_fail_jobs(conn, [job.id], message)
+        self.queue.fail_job(conn, self.worker_id, job.id, message)
+        self.queue.permanently_fail_jobs(conn, [job.id], message)
         self._count(oversized=1)
         log.warning(
             "payload too large: failed permanently",
@@ -237,7 +240,7 @@ class Bridge:
     def _next_wake(self) -> float:
         if self._saturated:
             return SATURATED_RECHECK
-        due = self.jobs_db.seconds_until_next_job(
+        due = self.reads.seconds_until_next_job(
             self._work_connection(), self.task_filter, self.job_expiry
         )
         poll = self.settings.poll_interval
@@ -250,7 +253,7 @@ class Bridge:
         while not self._stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.jobs_db.ping(listener)  # a silently dead listener shows up here
+                db.ping(listener)  # a silently dead listener shows up here
                 return
             with db.translated_errors():
                 if any(
@@ -294,8 +297,8 @@ class Bridge:
             )
         ]
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:
-            in_flight = self.jobs_db.count_locked_by(conn, self.worker_id)
-            gauges = self.jobs_db.queue_gauges(conn, self.task_filter)
+            in_flight = self.reads.count_locked_by(conn, self.worker_id)
+            gauges = self.reads.queue_gauges(conn, self.task_filter)
         return [
             *samples,
             Sample(
@@ -338,7 +341,7 @@ class Bridge:
     def _lock_connection(self) -> Connection:
         conn = db.connect(self.settings.conninfo(), autocommit=True)
         try:
-            db.walk_job_index(conn)
+            walk_job_index(conn)
         except DatabaseError:
             conn.close()
             raise
@@ -348,9 +351,11 @@ class Bridge:
         """The dedicated LISTEN connection; after a reconnect the caller polls at once."""
         if self._listener is None or self._listener.closed:
             listener = db.connect(self.settings.conninfo(), autocommit=True)
-            with db.translated_errors():
-                for channel in (db.INSERT_CHANNEL, db.WAKE_CHANNEL):
-                    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            try:
+                db.listen(listener, db.INSERT_CHANNEL, db.WAKE_CHANNEL)
+            except DatabaseError:
+                listener.close()
+                raise
             self._listener = listener
         return self._listener
 

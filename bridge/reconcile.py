@@ -68,7 +68,8 @@ from typing import Protocol
 import redis
 
 from bridge.publisher import Publisher
-from lqjobs.db import Connection, JobsDB
+from lqjobs.db import Connection
+from lqjobs.db.reads import Reads
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
@@ -129,7 +130,7 @@ class Reconciler:
     def __init__(
         self,
         probe: BrokerProbe | None,
-        jobs_db: JobsDB,
+        reads: Reads,
         worker_id: str,
         publisher: Publisher,
         counters: Counter[str],
@@ -141,7 +142,7 @@ class Reconciler:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.probe = probe if interval > 0 else None
-        self.jobs_db = jobs_db
+        self.reads = reads
         self.worker_id = worker_id
         self.publisher = publisher
         self.counters = counters
@@ -198,7 +199,7 @@ class Reconciler:
         return count
 
     def _republish(self, conn: Connection) -> int:
-        leases = self.jobs_db.jobs_locked_by(conn, self.worker_id, self.window)
+        leases = self.reads.jobs_locked_by(conn, self.worker_id, self.window)
         held_back: list[JobRow] = []
         if self._data_lost:
             held_back = [job for job in leases if self.deferrable(job.task_identifier)]
@@ -226,7 +227,7 @@ class Reconciler:
 
 def build(
     settings: Settings,
-    jobs_db: JobsDB,
+    reads: Reads,
     worker_id: str,
     publisher: Publisher,
     counters: Counter[str],
@@ -246,7 +247,7 @@ def build(
         )
     return Reconciler(
         probe,
-        jobs_db,
+        reads,
         worker_id,
         publisher,
         counters,

@@ -67,6 +67,7 @@ from lqjobs.callback_parsing import (
     authenticate,
     parse_report,
 )
+from lqjobs.db.fence import Fence, LeaseState
 from lqjobs.deadlines import DeadlineReaper, DeferredDeadlines
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.lease import Lease
@@ -103,14 +104,14 @@ class CallbackService:
         self,
         keys: tokens.CallbackKeys,
         pool: ConnectionPool[db.Connection],
-        jobs_db: db.JobsDB,
+        fence: Fence,
         deadlines: DeferredDeadlines | None = None,
         deadline_seconds: float = 300.0,
         retry_on_404: bool = True,
     ) -> None:
         self.keys = keys
         self.pool = pool
-        self.jobs_db = jobs_db
+        self.fence = fence
         self.deadlines = deadlines
         self.deadline_seconds = deadline_seconds
         self.retry_on_404 = retry_on_404
@@ -133,9 +134,9 @@ class CallbackService:
             state, written = self._settle(claims, report)
         except DatabaseError:
             return self._reply(lease, Reply(503, "unavailable"))
-        if state is db.LeaseState.EXPIRED:
+        if state is LeaseState.EXPIRED:
             return self._reply(lease, Reply(401, "token_expired"))
-        if state is db.LeaseState.SETTLED:
+        if state is LeaseState.SETTLED:
             reply = Reply(200, "already_settled")
         elif written:
             reply = Reply(200, "completed" if report.success else "failed")
@@ -145,21 +146,21 @@ class CallbackService:
             self.deadlines.forget(lease)
         return self._reply(lease, reply)
 
-    def _settle(self, claims: tokens.TokenClaims, report: Report) -> tuple[db.LeaseState, bool]:
+    def _settle(self, claims: tokens.TokenClaims, report: Report) -> tuple[LeaseState, bool]:
         lease = claims.lease
         with (
             db.translated_errors(),
             self.pool.connection(timeout=POOL_TIMEOUT) as conn,
             conn.transaction(),
         ):
-            state = self.jobs_db.lock_lease_state(conn, lease, claims.expires_at)
-            if state is not db.LeaseState.HELD:
+            state = self.fence.lock_lease_state(conn, lease, claims.expires_at)
+            if state is not LeaseState.HELD:
                 return state, False
             if report.success:
-                return state, self.jobs_db.fenced_complete(conn, lease)
+                return state, self.fence.fenced_complete(conn, lease)
             if report.permanent:
-                return state, self.jobs_db.fenced_fail_permanently(conn, lease, report.message)
-            return state, self.jobs_db.fenced_fail(conn, lease, report.message)
+                return state, self.fence.fenced_fail_permanently(conn, lease, report.message)
+            return state, self.fence.fenced_fail(conn, lease, report.message)
 
     def refused(self, reply: Reply) -> Reply:
         """Count and log a callback refused before its job was known."""
@@ -172,13 +173,13 @@ class CallbackService:
         """The deadline reaper's action: fenced fail_job (a no-op once settled)."""
         message = f"callback not received within {self.deadline_seconds:g}s"
         with db.translated_errors(), self.pool.connection(timeout=POOL_TIMEOUT) as conn:
-            failed = self.jobs_db.fenced_fail(conn, lease, message)
+            failed = self.fence.fenced_fail(conn, lease, message)
         self._reply(lease, Reply(200, "deadline_failed" if failed else "deadline_moot"))
 
     def healthy(self) -> bool:
         try:
             with db.translated_errors(), self.pool.connection(timeout=2.0) as conn:
-                self.jobs_db.ping(conn)
+                db.ping(conn)
         except DatabaseError:
             return False
         return True
@@ -390,7 +391,7 @@ def build_server(
     service = CallbackService(
         keys,
         _pool(settings),
-        db.JobsDB(settings.jobs_schema),
+        Fence(settings.jobs_schema),
         _deadlines(settings),
         settings.callback_deadline_seconds(),
         settings.retry_on_404,

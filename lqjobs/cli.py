@@ -146,7 +146,7 @@ def add_job_command(
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
-        job = ctx.jobs_db().add_job(
+        job = ctx.jobs_db().queue.add_job(
             conn,
             tenant,
             task,
@@ -206,7 +206,7 @@ def grant_command(ctx: Context, apply_now: bool, prefix: str, keep_public_execut
 def status_command(ctx: Context, as_json: bool) -> None:
     """Per task identifier: ready, delayed, locked, failed permanently, oldest ready age."""
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
-        rows = ctx.jobs_db().task_status(conn)
+        rows = ctx.jobs_db().reads.task_status(conn)
     if as_json:
         click.echo(json.dumps([row.model_dump() for row in rows]))
         return
@@ -244,7 +244,7 @@ def check_command(ctx: Context) -> None:
     try:
         settings = ctx.settings
         with db.connect(settings.conninfo(), autocommit=True) as conn:
-            installed = ctx.jobs_db().schema_installed(conn)
+            installed = ctx.jobs_db().reads.schema_installed(conn)
     except LqJobsError as exc:
         _fail(f"check failed: {exc}", EXIT_FAILURE)
         return
@@ -348,7 +348,7 @@ def schedules_command(ctx: Context, as_json: bool, grace: float) -> None:
     from lqjobs.scheduler import APPLICATION_NAME_PREFIX
 
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
-        statuses = ctx.jobs_db().scheduled_job_overview(conn, APPLICATION_NAME_PREFIX)
+        statuses = ctx.jobs_db().reads.scheduled_job_overview(conn, APPLICATION_NAME_PREFIX)
     items = schedule_report.reports(statuses, datetime.now(UTC), grace)
     if as_json:
         click.echo(json.dumps(schedule_report.as_json(items)))

@@ -210,12 +210,12 @@ def enqueue_demo(database_url: str) -> set[int]:
     jobs_db = db.JobsDB()
     with db.connect(database_url, autocommit=True) as conn, conn.transaction():
         ids = {
-            jobs_db.add_job(conn, DEMO_TENANT, task, {**payload, "n": n}).id
+            jobs_db.queue.add_job(conn, DEMO_TENANT, task, {**payload, "n": n}).id
             for task, (_, payload, count) in DEMO_JOBS.items()
             for n in range(count)
         }
         task, schedule = DEMO_SCHEDULE
-        jobs_db.add_scheduled_job(
+        jobs_db.scheduled.add_scheduled_job(
             conn, DEMO_TENANT, task, {"demo": True}, schedule, job_key="lqjobs-dev-tick"
         )
     return ids
@@ -233,8 +233,9 @@ class Progress:
 
     def show(self) -> None:
         with db.connect(self.database_url, autocommit=True) as conn:
-            rows = db.JobsDB().task_status(conn)
-            pending = db.JobsDB().existing_job_ids(conn, sorted(self.demo_ids))
+            reads = db.Reads()
+            rows = reads.task_status(conn)
+            pending = reads.existing_job_ids(conn, sorted(self.demo_ids))
         done = len(self.demo_ids) - len(pending)
         parts = [
             f"{r.task_identifier}: {r.ready} ready, {r.delayed} waiting, {r.locked} running,"

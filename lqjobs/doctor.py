@@ -96,16 +96,16 @@ def check_broker(settings: Settings) -> list[Finding]:
 
 def check_database(settings: Settings) -> list[Finding]:
     shown = redact_url(settings.conninfo())
-    jobs_db = db.JobsDB(settings.jobs_schema)
+    reads = db.Reads(settings.jobs_schema)
     try:
         with db.connect(settings.conninfo(), autocommit=True) as conn:
-            if not jobs_db.schema_installed(conn):
+            if not reads.schema_installed(conn):
                 return [
                     Finding(
                         "database", Level.FAIL, f"{shown}: schema {settings.jobs_schema} missing"
                     )
                 ]
-            gauges = jobs_db.queue_gauges(conn, settings.task_filter())
+            gauges = reads.queue_gauges(conn, settings.task_filter())
     except LqJobsError as exc:
         return [Finding("database", Level.FAIL, f"{shown}: {exc}")]
     findings = [Finding("database", Level.OK, f"{shown}, schema {settings.jobs_schema}")]
@@ -142,7 +142,7 @@ def check_schedules(settings: Settings) -> list[Finding]:
 
     try:
         with db.connect(settings.conninfo(), autocommit=True) as conn:
-            statuses = db.JobsDB(settings.jobs_schema).scheduled_job_overview(
+            statuses = db.Reads(settings.jobs_schema).scheduled_job_overview(
                 conn, APPLICATION_NAME_PREFIX
             )
     except LqJobsError as exc:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lqjobs import db
+from lqjobs.db import schema as schema_sql
 from lqjobs.errors import ConfigurationError
 
 SCHEMA = "app_jobs"  # the shipped files create this schema by name
@@ -69,14 +70,14 @@ def migrate(conninfo: str, schema: str = SCHEMA, *, adopt: bool = False) -> Migr
     marker = MARKER_PREFIX + fingerprint(files)
     names = tuple(path.name for path in files)
     with db.connect(conninfo) as conn, conn.transaction():
-        db.lock_for_migration(conn)
-        current = db.schema_marker(conn, schema)
+        schema_sql.lock_for_migration(conn)
+        current = schema_sql.schema_marker(conn, schema)
         if current == marker:
             outcome = Outcome.UP_TO_DATE
         elif current is not None and not current.startswith(MARKER_PREFIX) and not adopt:
             outcome = Outcome.FOREIGN
         else:
             scripts = [path.read_text() for path in files]
-            db.apply_schema(conn, scripts, schema, marker)
+            schema_sql.apply_schema(conn, scripts, schema, marker)
             outcome = Outcome.INSTALLED if current is None else Outcome.UPGRADED
     return MigrationResult(outcome, schema, names, marker)

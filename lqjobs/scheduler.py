@@ -38,7 +38,8 @@ from typing import Any
 
 from lqjobs import db
 from lqjobs.backoff import pause_after_failure
-from lqjobs.db import Connection, JobsDB
+from lqjobs.db import Connection
+from lqjobs.db.scheduled import Scheduled
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from lqjobs.logs import clean_text
 from lqjobs.models import AlreadyScheduled, ScheduledJobRow
@@ -109,7 +110,7 @@ class Scheduler:
     def __init__(self, settings: Settings, *, worker_id: str | None = None) -> None:
         self.settings = settings
         self.worker_id = worker_id or scheduler_id(settings)
-        self.jobs_db = JobsDB(settings.jobs_schema)
+        self.scheduled = Scheduled(settings.jobs_schema)
         self.task_filter = settings.task_filter()
         # The bridge's E: the SQL's own default (1 h) differs from get_job's (4 h).
         self.job_expiry = timedelta(seconds=settings.job_expiry)
@@ -149,7 +150,7 @@ class Scheduler:
         now = _utcnow()
         claimed, rejected = 0, []
         while not self._stopping.is_set():
-            row = self.jobs_db.get_scheduled_job(conn, self.worker_id, self.task_filter)
+            row = self.scheduled.get_scheduled_job(conn, self.worker_id, self.task_filter)
             if row is None:
                 break
             claimed += 1
@@ -162,7 +163,8 @@ class Scheduler:
         """Stop the timers of rows no longer held (deleted, replaced or released by
         someone else) and re-arm the rows whose schedule_info changed."""
         conn = self._work_connection()
-        rows = {row.id: row for row in self.jobs_db.scheduled_jobs_locked_by(conn, self.worker_id)}
+        held = self.scheduled.scheduled_jobs_locked_by(conn, self.worker_id)
+        rows = {row.id: row for row in held}
         for vanished in [sid for sid in self._timers if sid not in rows]:
             self._drop(vanished, "no longer held: deleted, replaced or released")
         now = _utcnow()
@@ -185,7 +187,7 @@ class Scheduler:
         return ticks
 
     def release_all(self) -> None:
-        self.jobs_db.release_scheduled_jobs(self._work_connection(), self.worker_id)
+        self.scheduled.release_scheduled_jobs(self._work_connection(), self.worker_id)
         log.info(
             "scheduled jobs released",
             extra={"action": "scheduled_jobs_released", "worker_id": self.worker_id},
@@ -236,7 +238,7 @@ class Scheduler:
 
     def _release(self, conn: Connection, ids: Sequence[int]) -> None:
         if ids:
-            self.jobs_db.release_scheduled_jobs(conn, self.worker_id, ids)
+            self.scheduled.release_scheduled_jobs(conn, self.worker_id, ids)
 
     def _log_armed(self, timer: _Timer, action: str) -> None:
         sid, at = timer.scheduled_job_id, timer.next_at
@@ -253,7 +255,7 @@ class Scheduler:
     def _tick(self, timer: _Timer) -> None:
         sid, task = timer.scheduled_job_id, timer.task
         try:
-            result = self.jobs_db.run_scheduled_job(self._work_connection(), sid, self.job_expiry)
+            result = self.scheduled.run_scheduled_job(self._work_connection(), sid, self.job_expiry)
         except DatabaseUnavailable:
             raise
         except DatabaseError as exc:  # e.g. its key is taken by a job whose lock expired
@@ -304,7 +306,7 @@ class Scheduler:
     def _cycle(self) -> None:
         self._listen()  # a new listener (first start, reconnect) sets a poll at once
         if time.monotonic() >= self._next_poll:
-            self.jobs_db.ping(self._listen())  # a silently dead listener shows up here
+            db.ping(self._listen())  # a silently dead listener shows up here
             self.poll()
         self.run_due()
         if self._wait(self._seconds_to_next_event()):

@@ -35,7 +35,8 @@ from celery.exceptions import SoftTimeLimitExceeded
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lqjobs import tokens
-from lqjobs.db import Connection, JobsDB
+from lqjobs.db import Connection
+from lqjobs.db.fence import Fence
 from lqjobs.deadlines import KEY as DEFERRED_KEY
 from lqjobs.deadlines import DeferredDeadlines
 from lqjobs.deadlines import encode as deferred_member
@@ -134,7 +135,7 @@ class JobRunner:
         deadlines: DeferredDeadlines | None = None,
     ) -> None:
         self.settings = settings
-        self.jobs_db = JobsDB(settings.jobs_schema)
+        self.fence = Fence(settings.jobs_schema)
         self.pool = pool
         self.router = router
         self.marks = marks
@@ -181,7 +182,7 @@ class JobRunner:
     def _run(
         self, conn: Connection, lease: Lease, task: str, call_id: str, redelivered: bool
     ) -> Result:
-        job, locked = self.jobs_db.preflight(conn, lease)
+        job, locked = self.fence.preflight(conn, lease)
         if job is None:
             log.info("stale delivery dropped", extra=_fields(lease, task, "stale_dropped"))
             return Result.STALE
@@ -282,7 +283,7 @@ class JobRunner:
         advisory lock next waits in its FOR SHARE preflight and finds the outcome."""
         released = False
         if isinstance(outcome, Done):
-            settled = self.jobs_db.fenced_complete(conn, lease, release_advisory=release)
+            settled = self.fence.fenced_complete(conn, lease, release_advisory=release)
             released = release
             result = Result.COMPLETED
         elif isinstance(outcome, Deferred):
@@ -290,12 +291,10 @@ class JobRunner:
                 self.deadlines.record(lease, self.settings.callback_deadline_seconds())
             return Result.DEFERRED, False
         elif outcome.permanent:
-            settled = self.jobs_db.fenced_fail_permanently(conn, lease, outcome.message)
+            settled = self.fence.fenced_fail_permanently(conn, lease, outcome.message)
             result = Result.FAILED_PERMANENTLY
         else:
-            settled = self.jobs_db.fenced_fail(
-                conn, lease, outcome.message, release_advisory=release
-            )
+            settled = self.fence.fenced_fail(conn, lease, outcome.message, release_advisory=release)
             released = release
             result = Result.FAILED
         if not settled:
@@ -317,7 +316,7 @@ class JobRunner:
 
     def _unlock(self, conn: Connection, lease: Lease) -> None:
         with contextlib.suppress(DatabaseError):  # a broken session dropped the lock already
-            self.jobs_db.release_advisory(conn, lease.job_id)
+            self.fence.release_advisory(conn, lease.job_id)
 
 
 def _fields(lease: Lease, task: str, action: str) -> dict[str, Any]:

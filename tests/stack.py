@@ -101,7 +101,7 @@ def add_jobs(db_url: str, task: str, n: int, payload: Any = None, **kwargs: Any)
     jobs_db = JobsDB()
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         return [
-            jobs_db.add_job(
+            jobs_db.queue.add_job(
                 conn, TENANT, task, {"i": i} if payload is None else payload, **kwargs
             ).id
             for i in range(n)

@@ -93,11 +93,11 @@ def commit_before_publish() -> None:
     from bridge.loop import Bridge
 
     def dispatch(self: Bridge, conn: Any) -> tuple[int, bool]:
-        room = self.settings.max_in_flight - self.jobs_db.count_locked_by(conn, self.worker_id)
+        room = self.settings.max_in_flight - self.reads.count_locked_by(conn, self.worker_id)
         allowed = min(self.batch_size, room)
         jobs = []
         for _ in range(allowed):  # in autocommit: each lock commits
-            job = self.jobs_db.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
+            job = self.queue.get_job(conn, self.worker_id, self.task_filter, self.job_expiry)
             if job is None:
                 break
             jobs.append(job)
@@ -111,10 +111,12 @@ def commit_before_publish() -> None:
 
 def no_lease_check() -> None:
     """Upstream's worker: run whatever message arrives, settle by job id alone."""
-    from lqjobs.db import JOB_COLUMNS, JobsDB
+    from lqjobs.db.base import JOB_COLUMNS
+    from lqjobs.db.fence import Fence
+    from lqjobs.db.queue import Queue
     from lqjobs.models import JobRow
 
-    def preflight(self: JobsDB, conn: Any, lease: Any) -> tuple[JobRow | None, bool]:
+    def preflight(self: Fence, conn: Any, lease: Any) -> tuple[JobRow | None, bool]:
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
                 f"SELECT {JOB_COLUMNS} FROM {self.schema}.jobs WHERE id = %s", [lease.job_id]
@@ -123,32 +125,34 @@ def no_lease_check() -> None:
         return (None, False) if row is None else (JobRow.model_validate(row), True)
 
     # no advisory lock was taken above, so there is none to release
-    def complete(self: JobsDB, conn: Any, lease: Any, *, release_advisory: bool = False) -> bool:
-        self.complete_job(conn, lease.worker_id, lease.job_id)
+    def complete(self: Fence, conn: Any, lease: Any, *, release_advisory: bool = False) -> bool:
+        Queue(self.schema).complete_job(conn, lease.worker_id, lease.job_id)
         return True
 
     def fail(
-        self: JobsDB, conn: Any, lease: Any, error_message: str, *, release_advisory: bool = False
+        self: Fence, conn: Any, lease: Any, error_message: str, *, release_advisory: bool = False
     ) -> bool:
-        self.fail_job(conn, lease.worker_id, lease.job_id, error_message or "unknown error")
+        Queue(self.schema).fail_job(
+            conn, lease.worker_id, lease.job_id, error_message or "unknown error"
+        )
         return True
 
-    replace(JobsDB, "preflight", preflight)
-    replace(JobsDB, "fenced_complete", complete)
-    replace(JobsDB, "fenced_fail", fail)
+    replace(Fence, "preflight", preflight)
+    replace(Fence, "fenced_complete", complete)
+    replace(Fence, "fenced_fail", fail)
 
 
 def no_advisory_lock() -> None:
     """Two deliveries of one lease may both call the function at once."""
-    from lqjobs.db import JobsDB
+    from lqjobs.db.fence import Fence
 
-    preflight = JobsDB.preflight
+    preflight = Fence.preflight
 
-    def unguarded(self: JobsDB, conn: Any, lease: Any) -> tuple[Any, bool]:
+    def unguarded(self: Fence, conn: Any, lease: Any) -> tuple[Any, bool]:
         job, _locked = preflight(self, conn, lease)
         return job, job is not None
 
-    replace(JobsDB, "preflight", unguarded)
+    replace(Fence, "preflight", unguarded)
 
 
 def shared_worker_id() -> None:
@@ -161,7 +165,7 @@ def shared_worker_id() -> None:
 
     def released_first(self: bridge.loop.Bridge) -> None:
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:
-            self.jobs_db.release_jobs(conn, self.worker_id)
+            self.queue.release_jobs(conn, self.worker_id)
         run_forever(self)
 
     replace(bridge.loop.Bridge, "run_forever", released_first)
@@ -172,6 +176,7 @@ def unauthenticated_callbacks() -> None:
     lease check; a POST without ``X-Job-Id`` is a health check."""
     from lqjobs.callback import CallbackService, Reply
     from lqjobs.callback_parsing import CallbackRequest, Rejected, parse_report
+    from lqjobs.db.queue import Queue
 
     def handle(self: CallbackService, request: CallbackRequest) -> Reply:
         job_id = request.headers.get("x-job-id", "").strip()
@@ -182,11 +187,12 @@ def unauthenticated_callbacks() -> None:
         except Rejected as exc:
             return Reply(exc.status, exc.result)
         worker = request.headers.get("x-worker-id", "").strip()
+        queue = Queue(self.fence.schema)
         with self.pool.connection() as conn:
             if report.success:
-                self.jobs_db.complete_job(conn, worker, int(job_id))
+                queue.complete_job(conn, worker, int(job_id))
             elif worker:
-                self.jobs_db.fail_job(conn, worker, int(job_id), report.message)
+                queue.fail_job(conn, worker, int(job_id), report.message)
         return Reply(200, "completed" if report.success else "failed")
 
     replace(CallbackService, "handle", handle)

@@ -311,7 +311,7 @@ class Run:
     def add_jobs(self, task: str, payloads: Sequence[Any], **options: Any) -> list[int]:
         with psycopg.connect(self.db_url, autocommit=True) as conn, conn.transaction():
             ids = [
-                self.jobs_db.add_job(conn, TENANT, task, payload, **options).id
+                self.jobs_db.queue.add_job(conn, TENANT, task, payload, **options).id
                 for payload in payloads
             ]
         return ids

@@ -121,7 +121,7 @@ def add_jobs(db_url: str, n: int, payload: dict[str, Any], **kwargs: Any) -> lis
     jobs_db = JobsDB()
     with psycopg.connect(db_url, autocommit=True) as conn, conn.transaction():
         return [
-            jobs_db.add_job(conn, TENANT, "async-fn", {**payload, "i": i}, **kwargs).id
+            jobs_db.queue.add_job(conn, TENANT, "async-fn", {**payload, "i": i}, **kwargs).id
             for i in range(n)
         ]
 

@@ -60,8 +60,8 @@ def server(settings: Settings) -> Iterator[CallbackServer]:
 
 def lock(conn: Conn, worker: str = WORKER, **job: Any) -> Lease:
     jobs_db = JobsDB()
-    jobs_db.add_job(conn, TENANT, "async-task", {}, **job)
-    row = jobs_db.get_job(conn, worker, None)
+    jobs_db.queue.add_job(conn, TENANT, "async-task", {}, **job)
+    row = jobs_db.queue.get_job(conn, worker, None)
     assert row is not None
     return Lease.of(row)
 
@@ -204,7 +204,7 @@ def test_a_late_callback_for_a_re_leased_job_is_409_and_writes_nothing(
     old = lock(conn)
     jobs_db = JobsDB()
     # The old lease's lock expires and another bridge re-picks the job.
-    row = jobs_db.get_job(conn, "bridge-other-0002", None, timedelta(microseconds=1))
+    row = jobs_db.queue.get_job(conn, "bridge-other-0002", None, timedelta(microseconds=1))
     assert row is not None and row.id == old.job_id and row.attempts == 2
     before = snapshot(conn)
     for outcome in ("success", "error"):
@@ -213,7 +213,7 @@ def test_a_late_callback_for_a_re_leased_job_is_409_and_writes_nothing(
     assert snapshot(conn) == before
     # Negative control: the unfenced complete_job the Node runtime issues for the
     # same late callback deletes the job that the new attempt is running.
-    jobs_db.complete_job(conn, old.worker_id, old.job_id)
+    jobs_db.queue.complete_job(conn, old.worker_id, old.job_id)
     assert job(conn, old.job_id) is None
 
 
@@ -221,7 +221,7 @@ def test_a_late_callback_after_fail_and_retry_is_409(server: CallbackServer, con
     first = lock(conn)
     assert post(server, token(first), {"status": "error", "error": "e"})[0] == 200
     conn.execute("UPDATE app_jobs.jobs SET run_at = now() WHERE id = %s", [first.job_id])
-    second = Lease.of(JobsDB().get_job(conn, WORKER, None))  # type: ignore[arg-type]
+    second = Lease.of(JobsDB().queue.get_job(conn, WORKER, None))  # type: ignore[arg-type]
     assert (second.job_id, second.attempts) == (first.job_id, 2)
     before = snapshot(conn)
     assert post(server, token(first), {"status": "success"})[0] == 409

@@ -99,7 +99,7 @@ def test_flower_lists_jobs_under_their_task_identifier(
             jobs_db = JobsDB()
             with psycopg.connect(db_url, autocommit=True) as conn:
                 ids: list[Any] = [
-                    jobs_db.add_job(conn, TENANT, task, {"sleep": 0.3}).id
+                    jobs_db.queue.add_job(conn, TENANT, task, {"sleep": 0.3}).id
                     for task in ("send-welcome-email", "resize-avatar") * 3
                 ]
             wait_until(lambda: count(db_url) == 0, 30, "the jobs to complete")

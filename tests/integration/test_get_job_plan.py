@@ -1,6 +1,6 @@
 """How Postgres runs get_job's search on the bridge's session: it walks the
 (priority, run_at, id) index and stops at the first free job, instead of
-fetching and sorting every due job on every call (db.walk_job_index)."""
+fetching and sorting every due job on every call (lqjobs.db.base.walk_job_index)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from lqjobs import db
 from lqjobs.db import JobsDB
+from lqjobs.db.base import walk_job_index
 from tests.integration.conftest import TENANT
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def search_plans(conn: psycopg.Connection[Any], calls: int) -> list[str]:
         conn.execute(f"SET {setting}")
     jobs_db = JobsDB()
     for _ in range(calls):
-        assert jobs_db.get_job(conn, "bridge-plan-test", ["t"]) is not None
+        assert jobs_db.queue.get_job(conn, "bridge-plan-test", ["t"]) is not None
     return [notice for notice in notices if SEARCH in notice]
 
 
@@ -54,7 +54,7 @@ def waiting_jobs(conn: psycopg.Connection[Any]) -> None:
     jobs_db = JobsDB()
     with conn.transaction():
         for i in range(WAITING):
-            jobs_db.add_job(conn, TENANT, "t", {"i": i})
+            jobs_db.queue.add_job(conn, TENANT, "t", {"i": i})
 
 
 @pytest.mark.usefixtures("waiting_jobs")
@@ -62,7 +62,7 @@ def test_bridge_session_walks_the_index_instead_of_sorting(
     connect: Callable[[], psycopg.Connection[Any]],
 ) -> None:
     session = connect()
-    db.walk_job_index(session)
+    walk_job_index(session)
     plans = search_plans(session, CALLS)
     assert len(plans) == CALLS
     last = plans[-1]  # the cached generic plan
@@ -87,11 +87,12 @@ def test_jobs_come_out_in_queue_order_on_the_bridge_session(
 ) -> None:
     jobs_db = JobsDB()
     added = [
-        jobs_db.add_job(conn, TENANT, "t", {}, priority=priority).id for priority in (3, 1, 2, 1, 0)
+        jobs_db.queue.add_job(conn, TENANT, "t", {}, priority=priority).id
+        for priority in (3, 1, 2, 1, 0)
     ]
     session = connect()
-    db.walk_job_index(session)
+    walk_job_index(session)
     taken = []
-    while (job := jobs_db.get_job(session, "bridge-plan-test", None)) is not None:
+    while (job := jobs_db.queue.get_job(session, "bridge-plan-test", None)) is not None:
         taken.append(job.id)
     assert taken == [added[4], added[1], added[3], added[2], added[0]]

@@ -112,22 +112,24 @@ def add_jobs(db_url: str) -> set[int]:
     jobs_db = JobsDB()
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(3):
-            jobs_db.add_job(conn, TENANT, "sync-fn", {**secret, "i": i})
-            jobs_db.add_job(conn, TENANT, "async-fn", {**secret, "i": i})
+            jobs_db.queue.add_job(conn, TENANT, "sync-fn", {**secret, "i": i})
+            jobs_db.queue.add_job(conn, TENANT, "async-fn", {**secret, "i": i})
         parked = {
-            jobs_db.add_job(
+            jobs_db.queue.add_job(
                 conn, TENANT, "sync-fn", {**secret, "error": "boom"}, max_attempts=1
             ).id,
-            jobs_db.add_job(conn, TENANT, "sync-fn", {**secret, "status": 400}).id,
-            jobs_db.add_job(conn, TENANT, "sync-fn", {**secret, "pad": "x" * 500}).id,
-            jobs_db.add_job(
+            jobs_db.queue.add_job(conn, TENANT, "sync-fn", {**secret, "status": 400}).id,
+            jobs_db.queue.add_job(conn, TENANT, "sync-fn", {**secret, "pad": "x" * 500}).id,
+            jobs_db.queue.add_job(
                 conn, TENANT, "async-fn", {**secret, "error": "async boom"}, max_attempts=1
             ).id,
-            jobs_db.add_job(
+            jobs_db.queue.add_job(
                 conn, TENANT, "async-fn", {**secret, "drop_callback": True}, max_attempts=1
             ).id,
         }
-        jobs_db.add_scheduled_job(conn, TENANT, "tick-fn", secret, {"rule": "* * * * * *"})
+        jobs_db.scheduled.add_scheduled_job(
+            conn, TENANT, "tick-fn", secret, {"rule": "* * * * * *"}
+        )
     return parked
 
 

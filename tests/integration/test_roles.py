@@ -285,19 +285,21 @@ def in_thread_stack(logins: Logins, db_url: str, redis_url: str) -> Iterator[Any
 def test_components_run_under_their_roles(db_url: str, redis_url: str, logins: Logins) -> None:
     jobs_db = JobsDB()
     with psycopg.connect(db_url, autocommit=True) as conn:
-        sync_ids = [jobs_db.add_job(conn, TENANT, "sync-fn", {"i": i}).id for i in range(5)]
-        serial = jobs_db.add_job(conn, TENANT, "sync-fn", {"q": 1}, queue_name="serial").id
-        failing = jobs_db.add_job(conn, TENANT, "sync-fn", {"error": "boom"}, max_attempts=1).id
-        permanent = jobs_db.add_job(conn, TENANT, "sync-fn", {"status": 400}).id
-        oversized = jobs_db.add_job(conn, TENANT, "sync-fn", {"pad": "x" * 300}).id
-        async_ids = [jobs_db.add_job(conn, TENANT, "async-fn", {"i": i}).id for i in range(3)]
-        async_failed = jobs_db.add_job(
+        sync_ids = [jobs_db.queue.add_job(conn, TENANT, "sync-fn", {"i": i}).id for i in range(5)]
+        serial = jobs_db.queue.add_job(conn, TENANT, "sync-fn", {"q": 1}, queue_name="serial").id
+        failing = jobs_db.queue.add_job(
+            conn, TENANT, "sync-fn", {"error": "boom"}, max_attempts=1
+        ).id
+        permanent = jobs_db.queue.add_job(conn, TENANT, "sync-fn", {"status": 400}).id
+        oversized = jobs_db.queue.add_job(conn, TENANT, "sync-fn", {"pad": "x" * 300}).id
+        async_ids = [jobs_db.queue.add_job(conn, TENANT, "async-fn", {"i": i}).id for i in range(3)]
+        async_failed = jobs_db.queue.add_job(
             conn, TENANT, "async-fn", {"error": "async boom"}, max_attempts=1
         ).id
-        silent = jobs_db.add_job(
+        silent = jobs_db.queue.add_job(
             conn, TENANT, "async-fn", {"drop_callback": True}, max_attempts=1
         ).id
-        scheduled = jobs_db.add_scheduled_job(
+        scheduled = jobs_db.scheduled.add_scheduled_job(
             conn, TENANT, "tick-fn", {}, {"rule": "* * * * * *"}
         ).id
     parked = {failing, permanent, oversized, async_failed, silent}

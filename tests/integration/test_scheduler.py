@@ -44,7 +44,9 @@ def settings(db_url: str, **overrides: Any) -> Settings:
 
 
 def add(conn: psycopg.Connection[Any], task: str, info: Any, **kwargs: Any) -> int:
-    return jobs_db.add_scheduled_job(conn, TENANT, task, {"secret": "CANARY-3"}, info, **kwargs).id
+    return jobs_db.scheduled.add_scheduled_job(
+        conn, TENANT, task, {"secret": "CANARY-3"}, info, **kwargs
+    ).id
 
 
 def holder(conn: psycopg.Connection[Any], scheduled_id: int) -> str | None:
@@ -119,8 +121,8 @@ def test_releases_its_id_on_start_and_everything_on_stop(
     mine = add(conn, "sink-mine", EVERY_SECOND)
     theirs = add(conn, "sink-theirs", EVERY_SECOND)
     # A crashed run with the same id left its row locked; another scheduler holds theirs.
-    assert jobs_db.get_scheduled_job(conn, SID, ["sink-mine"]) is not None
-    assert jobs_db.get_scheduled_job(conn, "scheduler-elsewhere", None) is not None
+    assert jobs_db.scheduled.get_scheduled_job(conn, SID, ["sink-mine"]) is not None
+    assert jobs_db.scheduled.get_scheduled_job(conn, "scheduler-elsewhere", None) is not None
     conn.execute("UPDATE app_jobs.scheduled_jobs SET locked_at = now() - interval '1 day'")
     scheduler = Scheduler(settings(db_url))
     with running(scheduler):

@@ -40,7 +40,11 @@ def test_sigkill_and_restart_never_runs_a_tick_twice_and_sigterm_exits_0(
     db_url: str, conn: psycopg.Connection[Any], env: dict[str, str], tmp_path: Path
 ) -> None:
     install_sink(db_url)
-    sid = JobsDB().add_scheduled_job(conn, TENANT, "sink-tick", {}, {"rule": "* * * * * *"}).id
+    sid = (
+        JobsDB()
+        .scheduled.add_scheduled_job(conn, TENANT, "sink-tick", {}, {"rule": "* * * * * *"})
+        .id
+    )
 
     def ticks() -> int:
         return len(sunk(conn, "sink-tick"))

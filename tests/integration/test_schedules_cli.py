@@ -33,11 +33,11 @@ def live_scheduler_session(db_url: str) -> Iterator[psycopg.Connection[Any]]:
 
 
 def add(conn: psycopg.Connection[Any], task: str, info: Any) -> int:
-    return jobs_db.add_scheduled_job(conn, TENANT, task, {"secret": "CANARY-3"}, info).id
+    return jobs_db.scheduled.add_scheduled_job(conn, TENANT, task, {"secret": "CANARY-3"}, info).id
 
 
 def hold(conn: psycopg.Connection[Any], holder: str, task: str, age: str) -> None:
-    assert jobs_db.get_scheduled_job(conn, holder, [task]) is not None
+    assert jobs_db.scheduled.get_scheduled_job(conn, holder, [task]) is not None
     conn.execute(
         "UPDATE app_jobs.scheduled_jobs SET locked_at = now() - %s::interval "
         "WHERE task_identifier = %s",
@@ -60,9 +60,9 @@ def test_schedules_lists_and_flags(
     hold(live_scheduler_session, "scheduler-live", "ok", "1 hour")
     hold(conn, "scheduler-dead", "gone", "1 hour")
     hold(conn, "scheduler-starting", "fresh", "5 seconds")  # within the grace period
-    blocked_job = jobs_db.run_scheduled_job(conn, ids["blocked"])
+    blocked_job = jobs_db.scheduled.run_scheduled_job(conn, ids["blocked"])
     assert isinstance(blocked_job, JobRow)
-    jobs_db.permanently_fail_jobs(conn, [blocked_job.id])
+    jobs_db.queue.permanently_fail_jobs(conn, [blocked_job.id])
 
     result = CliRunner().invoke(main, ["--database-url", db_url, "schedules", "--json"])
     assert result.exit_code == 0, result.output

@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from lqjobs import db, migrate
+from lqjobs import migrate
+from lqjobs.db.schema import apply_schema
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +139,7 @@ def test_reapplying_in_one_driver_transaction_changes_nothing(db_url, catalogue,
         marker = before["schema"][0][2]
         assert marker.startswith(migrate.MARKER_PREFIX)
     with psycopg.connect(db_url) as conn, conn.transaction():
-        db.apply_schema(conn, [p.read_text() for p in sql_files], "app_jobs", marker)
+        apply_schema(conn, [p.read_text() for p in sql_files], "app_jobs", marker)
     with psycopg.connect(db_url, autocommit=True) as conn:
         assert catalogue(conn) == before
 

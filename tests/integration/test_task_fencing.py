@@ -15,6 +15,8 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from lqjobs.db import Connection, JobsDB
+from lqjobs.db.fence import Fence
+from lqjobs.db.queue import Queue
 from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import build_router, make_http_client
@@ -64,8 +66,8 @@ def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[J
 
 def lock_job(conn: psycopg.Connection[Any], task: str, payload: Any) -> Lease:
     jobs_db = JobsDB()
-    jobs_db.add_job(conn, TENANT, task, payload)
-    job = jobs_db.get_job(conn, WORKER, None)
+    jobs_db.queue.add_job(conn, TENANT, task, payload)
+    job = jobs_db.queue.get_job(conn, WORKER, None)
     assert job is not None
     return Lease.of(job)
 
@@ -164,13 +166,13 @@ def test_an_outcome_for_a_re_leased_job_is_not_written(
 ) -> None:
     if not fenced:  # what complete_job alone does: delete by id, whoever holds the job
 
-        def unfenced(self: JobsDB, c: Connection, lease: Lease, release_advisory: bool) -> bool:
-            done = self.complete_job(c, lease.worker_id, lease.job_id)
+        def unfenced(self: Fence, c: Connection, lease: Lease, release_advisory: bool) -> bool:
+            done = Queue(self.schema).complete_job(c, lease.worker_id, lease.job_id)
             if release_advisory:
                 self.release_advisory(c, lease.job_id)
             return done is not None
 
-        monkeypatch.setattr(JobsDB, "fenced_complete", unfenced)
+        monkeypatch.setattr(Fence, "fenced_complete", unfenced)
     lease = lock_job(conn, "slow", {"sleep": 0.5})
     done: list[Result] = []
     call = threading.Thread(
@@ -183,7 +185,7 @@ def test_an_outcome_for_a_re_leased_job_is_not_written(
         "UPDATE app_jobs.jobs SET locked_at = now() - interval '1 hour' WHERE id = %s",
         [lease.job_id],
     )
-    relocked = JobsDB().get_job(conn, "bridge-other-0000", None, timedelta(minutes=5))
+    relocked = JobsDB().queue.get_job(conn, "bridge-other-0000", None, timedelta(minutes=5))
     assert relocked is not None and relocked.id == lease.job_id
     call.join(10)
     if not fenced:  # the oracle sees the bug: the new attempt's job is gone
@@ -294,9 +296,9 @@ def test_duplicate_deliveries_overlap_only_without_the_advisory_lock(
     protected: bool,
 ) -> None:
     if not protected:  # switch the protection off: every delivery "gets" the lock
-        real = JobsDB.preflight
+        real = Fence.preflight
         monkeypatch.setattr(
-            JobsDB, "preflight", lambda self, c, lease: (real(self, c, lease)[0], True)
+            Fence, "preflight", lambda self, c, lease: (real(self, c, lease)[0], True)
         )
         # ... with the start marks unavailable too (best effort: Redis down), so the
         # advisory lock is the only protection left to switch off.
@@ -410,14 +412,14 @@ def test_the_preflight_commits_without_a_flush_and_leaves_the_session_durable(
     session.execute("SET synchronous_commit = on")  # the suite's server defaults to off
     # The statement switches synchronous_commit off for its own transaction...
     with session.transaction():
-        assert session.execute(jobs_db.preflight_query(), params).fetchone() is not None
+        assert session.execute(jobs_db.fence.preflight_query(), params).fetchone() is not None
         assert session.execute("SHOW synchronous_commit").fetchone() == ("off",)
     # ...and only for it: the fenced writes that follow on the session stay durable.
     assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
-    job, locked = jobs_db.preflight(session, lease)
+    job, locked = jobs_db.fence.preflight(session, lease)
     assert job is not None and locked
     assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
-    assert jobs_db.fenced_complete(session, lease, release_advisory=True)
+    assert jobs_db.fence.fenced_complete(session, lease, release_advisory=True)
 
 
 def test_the_preflight_refuses_a_transaction_it_would_make_non_durable(
@@ -426,4 +428,4 @@ def test_the_preflight_refuses_a_transaction_it_would_make_non_durable(
     lease = lock_job(conn, "noop", {})
     session = connect()
     with session.transaction(), pytest.raises(ValueError, match="autocommit"):
-        JobsDB().preflight(session, lease)
+        JobsDB().fence.preflight(session, lease)

@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from bridge.reconcile import Reconciler, build, may_defer, republish_window
-from lqjobs.db import JobsDB
+from lqjobs.db.reads import Reads
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
@@ -103,7 +103,7 @@ def reconciler(
 ) -> Reconciler:
     return Reconciler(
         probe,
-        cast(JobsDB, leases),
+        cast(Reads, leases),
         WORKER,
         publisher,
         Counter(),
@@ -234,7 +234,7 @@ def settings(**overrides: Any) -> Settings:
 def test_on_for_redis_brokers_only_and_off_at_interval_zero(
     overrides: dict[str, Any], enabled: bool
 ) -> None:
-    rec = build(settings(**overrides), JobsDB(), WORKER, Publisher(), Counter(), 50)
+    rec = build(settings(**overrides), Reads(), WORKER, Publisher(), Counter(), 50)
     assert rec.enabled is enabled
     rec.close()  # no connection was opened: redis-py connects lazily
 

@@ -138,7 +138,7 @@ def lock_bait(run: Run, bait: list[int]) -> list[Lease]:
     leases = []
     with psycopg.connect(run.db_url, autocommit=True) as conn:
         for _ in bait:
-            job = run.jobs_db.get_job(conn, "bridge-victim-1", ["bait"], timedelta(hours=1))
+            job = run.jobs_db.queue.get_job(conn, "bridge-victim-1", ["bait"], timedelta(hours=1))
             if job is not None:
                 leases.append(Lease.of(job))
     return leases

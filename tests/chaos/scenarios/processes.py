@@ -367,7 +367,9 @@ def r16(cluster: Cluster, scale: Scale) -> Row:
     with cluster.run("R16") as run:
         install_sink(run.db_url)
         with psycopg.connect(run.db_url, autocommit=True) as conn:
-            run.jobs_db.add_scheduled_job(conn, TENANT, "sink-tick", {}, {"rule": "*/1 * * * * *"})
+            run.jobs_db.scheduled.add_scheduled_job(
+                conn, TENANT, "sink-tick", {}, {"rule": "*/1 * * * * *"}
+            )
         scheduler = run.spawn("scheduler", LQJOBS_SCHEDULER_ID="chaos-scheduler")
         wait_until(lambda: _ticks(run), 30, "the first tick")
         faults = []

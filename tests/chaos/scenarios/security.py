@@ -67,7 +67,9 @@ def s_log(cluster: Cluster, scale: Scale) -> Row:
         ids += run.add_jobs("asyncfn", [secret] * 10)
         ids += run.add_jobs("failing", [secret | {"status": 400}] * 5)
         with psycopg.connect(run.db_url, autocommit=True) as conn:
-            run.jobs_db.add_scheduled_job(conn, TENANT, "ticker", secret, {"rule": "*/1 * * * * *"})
+            run.jobs_db.scheduled.add_scheduled_job(
+                conn, TENANT, "ticker", secret, {"rule": "*/1 * * * * *"}
+            )
         worker_options = (*WORKER_OPTIONS, "--loglevel", "DEBUG", "--hostname", "worker@%h")
         run.spawn("worker", "worker", *worker_options)
         run.spawn("bridge")

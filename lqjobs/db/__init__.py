@@ -1,0 +1,61 @@
+"""The typed DB boundary: the only package in lqjobs that holds SQL.
+
+One module per role, each a class over one jobs schema:
+
+- :mod:`~lqjobs.db.queue` — the upstream job functions (``get_job``, ``complete_job``, ...);
+- :mod:`~lqjobs.db.scheduled` — the upstream scheduled-job functions;
+- :mod:`~lqjobs.db.fence` — every lease-checked statement (preflight, fenced writes);
+- :mod:`~lqjobs.db.reads` — read-only views (in-flight, wake timer, gauges, status);
+- :mod:`~lqjobs.db.schema` — installing the schema;
+- :mod:`~lqjobs.db.base` — connections, LISTEN, error translation, shared columns.
+
+A component imports the role classes it calls and nothing else; :class:`JobsDB`
+bundles all four for the operator's commands and the tests.
+"""
+
+from __future__ import annotations
+
+from lqjobs.db.base import (
+    INSERT_CHANNEL,
+    SCHEDULED_INSERT_CHANNEL,
+    WAKE_CHANNEL,
+    Connection,
+    RawJson,
+    connect,
+    listen,
+    ping,
+    translated_errors,
+)
+from lqjobs.db.fence import Fence
+from lqjobs.db.queue import Queue
+from lqjobs.db.reads import Reads
+from lqjobs.db.scheduled import Scheduled
+
+
+class JobsDB:
+    """Every role's statements over one jobs schema."""
+
+    def __init__(self, schema: str = "app_jobs") -> None:
+        self.schema = schema
+        self.queue = Queue(schema)
+        self.scheduled = Scheduled(schema)
+        self.fence = Fence(schema)
+        self.reads = Reads(schema)
+
+
+__all__ = [
+    "INSERT_CHANNEL",
+    "SCHEDULED_INSERT_CHANNEL",
+    "WAKE_CHANNEL",
+    "Connection",
+    "Fence",
+    "JobsDB",
+    "Queue",
+    "RawJson",
+    "Reads",
+    "Scheduled",
+    "connect",
+    "listen",
+    "ping",
+    "translated_errors",
+]
