@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from celery import Celery
 
+from lqjobs.celery import celery_config
 from lqjobs.settings import load_settings
-from tasks.app import celery_config
 
 QUEUE = "bench-noop"
 TASK = "bench.noop"

@@ -26,9 +26,8 @@ from celery import Celery
 from celery.utils.nodenames import anon_nodename
 from kombu.entity import Queue
 
-from lqjobs.lease import Lease
+from lqjobs.lease import TASK_NAME, Lease
 from lqjobs.models import JobRow
-from tasks.run_job import TASK_NAME
 
 # The fourth element of a protocol-2 body: no workflow around the task.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}

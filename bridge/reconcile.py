@@ -1,58 +1,17 @@
-"""The F4 reconciler: re-publish the leases whose messages a Redis restart lost.
+"""The reconciler: re-publishes the leases whose messages a Redis restart lost.
 
-Redis is only the transport (reliability.md F4). Restarted without persistence, it
-comes back empty: every message this bridge published and no worker has finished
-is gone (queued, reserved by a worker, or unacked), while the rows stay locked by
-this bridge's worker id. Without help they wait for the lease expiry
-(``LQJOBS_JOB_EXPIRY``) before ``get_job`` re-picks them.
+A Redis restarted without persistence comes back empty while the rows stay locked
+by this bridge's worker id; without help they wait for the lease expiry. The
+bridge remembers the server's ``run_id``; when it changes, every lease it still
+holds (and whose call can still end inside the lease) is published again: the
+same lease, so no attempt is burned, and the task's guards absorb the copies.
+If Redis also lost this bridge's marker key, the start claims are gone too, so
+leases that may have been deferred to a callback are held back. The decisions,
+and why each is safe, are in docs/design.md (F4).
 
-Detection: a Redis server has a ``run_id`` (``INFO server``), new at every start.
-The bridge remembers the one it saw; when it changes, the server restarted (or a
-failover moved the broker), and every lease the bridge still holds is published
-again, through the same :class:`~bridge.publisher.Publisher`. A re-published lease
-is the same lease (same attempts and locked_at, so the same Celery task id), not a
-new attempt: no attempt is burned, and the task's guards absorb the copies:
-
-- the lease is gone (settled, re-leased): the preflight drops the copy untouched;
-- another delivery of it is running: the advisory lock makes the copy wait and
-  retry, and a sync call records its outcome before it lets the lock go, so the
-  copy then finds the lease settled and is dropped;
-- its call had started (the task's per-lease claim in Redis): the copy is failed as
-  'worker lost' or, for a job deferred to an asynchronous callback, dropped.
-
-That last guard lives in the broker's Redis, so a restart that lost the data lost
-the claims too. A lease deferred to an asynchronous callback then looks like one
-never started, and a copy would call the function a second time. So the reconciler
-also checks whether Redis kept its data (a marker key of this bridge, written at
-every check, must still be there): if it was lost, leases of tasks that may be
-deferred (an HTTP executor while a callback URL is configured: a 202 answer defers)
-are not re-published; their callback settles them, or the callback deadline or the
-lease expiry brings them back, as before the reconciler. The bridge judges this from
-its own settings, which must match the workers' (one environment for all roles, as
-in docker-compose.yml).
-
-Only leases whose call can still end inside the lease are re-published: a copy may
-start until its Celery ``expires`` (``Settings.message_expiry_seconds``: the queue
-wait plus one visibility timeout) and run ``LQJOBS_TASK_TIME_LIMIT``, so leases
-locked longer than ``E - expires - T_hard`` ago are left to the expiry, which is
-close anyway (section 5, the timeout ladder).
-
-Where and how often: :meth:`Reconciler.check` runs in the bridge's loop, before each
-pass, at most every ``LQJOBS_RECONCILE_INTERVAL`` seconds (default 5; the bridge's
-wait is cut to that interval so an idle bridge checks too). A check is one pipelined
-round trip (INFO server, EXISTS and SET of the marker); the leases are read from
-Postgres only after a restart. It runs between passes, never inside the lock ->
-publish -> commit transaction, so every lease it reads is committed.
-
-- The first run_id seen is just remembered: this incarnation's worker id is new and
-  the first check runs before the first ``get_job``, so no lease predates it.
-- A check that cannot reach Redis raises the broker error: the bridge treats it as
-  the broker outage it is (existing back-off, no ``get_job``), and checks again
-  first thing after the back-off, so a restart is caught before new jobs go out.
-  The remembered run_id moves only once every lease was re-published: a failed
-  re-publish is repeated (duplicates are harmless).
-- Brokers other than Redis (no run_id), ``LQJOBS_RECONCILE_INTERVAL=0``, or a Redis
-  that refuses the check (an ACL without INFO): off, with a log line saying so.
+:meth:`Reconciler.check` runs in the bridge's loop between passes (never inside
+lock -> publish -> commit), at most every ``LQJOBS_RECONCILE_INTERVAL`` seconds.
+Off for a non-Redis broker, an interval of 0, or a Redis that refuses the check.
 """
 
 from __future__ import annotations
@@ -68,14 +27,13 @@ from typing import Protocol
 import redis
 
 from bridge.publisher import Publisher
+from lqjobs.broker_state import RedisProbe, is_redis
 from lqjobs.db import Connection
 from lqjobs.db.reads import Reads
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
 log = logging.getLogger(__name__)
-MARKER_PREFIX = "lqjobs:reconcile:"  # + worker id: "this Redis still holds my writes"
-PROBE_TIMEOUT = 5.0  # seconds: a hung Redis must not hang the bridge's loop
 
 
 class BrokerProbe(Protocol):
@@ -84,30 +42,6 @@ class BrokerProbe(Protocol):
         re-written); raises the client's error when the broker is unreachable."""
 
     def close(self) -> None: ...
-
-
-class RedisProbe:
-    """``INFO server`` plus this bridge's marker key, in one round trip."""
-
-    def __init__(self, url: str, worker_id: str, marker_ttl: float) -> None:
-        self.client = redis.Redis.from_url(
-            url, socket_timeout=PROBE_TIMEOUT, socket_connect_timeout=PROBE_TIMEOUT
-        )
-        self.marker = MARKER_PREFIX + worker_id
-        # The marker only has to outlive the leases it vouches for; it is refreshed at
-        # every check, and one left by a dead bridge goes away on its own.
-        self.marker_ttl = max(1, math.ceil(marker_ttl))
-
-    def observe(self) -> tuple[str, bool]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.info("server")
-        pipe.exists(self.marker)
-        pipe.set(self.marker, b"1", ex=self.marker_ttl)
-        info, kept, _ = pipe.execute()
-        return str(info["run_id"]), bool(kept)
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def may_defer(settings: Settings) -> Callable[[str], bool]:
@@ -237,7 +171,7 @@ def build(
     url = settings.broker_url.get_secret_value()
     interval = settings.reconcile_interval
     probe: BrokerProbe | None = None
-    if interval > 0 and url.startswith(("redis:", "rediss:")):
+    if interval > 0 and is_redis(url):
         # The marker must outlive the gap between two checks, and the leases it covers.
         probe = RedisProbe(url, worker_id, marker_ttl=max(settings.job_expiry, 3 * interval))
     elif interval > 0:

@@ -59,6 +59,7 @@ import redis
 from psycopg_pool import ConnectionPool
 
 from lqjobs import db, tokens
+from lqjobs.broker_state import DeferredDeadlines, is_redis
 from lqjobs.callback_parsing import (
     MAX_BODY_BYTES,
     CallbackRequest,
@@ -68,7 +69,7 @@ from lqjobs.callback_parsing import (
     parse_report,
 )
 from lqjobs.db.fence import Fence, LeaseState
-from lqjobs.deadlines import DeadlineReaper, DeferredDeadlines
+from lqjobs.deadlines import DeadlineReaper
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.lease import Lease
 from lqjobs.metrics import Sample, counter_samples
@@ -420,7 +421,7 @@ def _pool(settings: Settings) -> ConnectionPool[db.Connection]:
 
 def _deadlines(settings: Settings) -> DeferredDeadlines | None:
     broker = settings.broker_url.get_secret_value()
-    if not broker.startswith(("redis:", "rediss:")):
+    if not is_redis(broker):
         log.warning(
             "broker is not redis: overdue callbacks are recovered by the lease expiry only",
             extra={"action": "deadlines_disabled"},

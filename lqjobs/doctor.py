@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import redis
 
 from lqjobs import db
+from lqjobs.broker_state import is_redis
 from lqjobs.errors import LqJobsError
 from lqjobs.settings import Settings, redact_url
 
@@ -72,7 +73,7 @@ def check_settings(settings: Settings) -> list[Finding]:
 def check_broker(settings: Settings) -> list[Finding]:
     url = settings.broker_url.get_secret_value()
     shown = redact_url(url)
-    if not url.startswith(("redis://", "rediss://")):
+    if not is_redis(url):
         return [Finding("broker", Level.OK, f"{shown} (not Redis: not inspected)")]
     client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
     try:

@@ -4,7 +4,8 @@ OpenFaaS' queue-worker builds the callback request itself, so the only thing
 lqjobs controls end to end is the URL. The token names the lease and an expiry
 (``locked_at + job_expiry``); the callback service checks the signature in
 constant time before touching the database, then re-checks the lease there.
-Format: ``v1.<kid>.<b64url(job_id|worker_id|attempts|locked_at_us|exp_unix)>.<b64url(mac)>``.
+Format: ``v1.<kid>.<b64url(lease|exp_unix)>.<b64url(mac)>``, the lease in
+:meth:`Lease.encode`'s form (``job_id|worker_id|attempts|locked_at_us``).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _mac(key: bytes, kid: str, body: str) -> bytes:
 
 def sign(keys: CallbackKeys, lease: Lease, job_expiry: timedelta) -> str:
     expires = int((lease.locked_at + job_expiry).timestamp())
-    claims = f"{lease.job_id}|{lease.worker_id}|{lease.attempts}|{lease.locked_at_us}|{expires}"
+    claims = f"{lease.encode()}|{expires}"
     body = _b64(claims.encode())
     mac = _mac(keys.keys[keys.signing_kid], keys.signing_kid, body)
     return f"v1.{keys.signing_kid}.{body}.{_b64(mac)}"
@@ -94,12 +95,12 @@ def verify(keys: CallbackKeys, token: str) -> TokenClaims | None:
 
 def _claims(body: str) -> TokenClaims | None:
     try:
-        job_id, worker_id, attempts, locked_us, expires = _unb64(body).decode().split("|")
-        locked_at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(locked_us))
-        lease = Lease(int(job_id), worker_id, int(attempts), locked_at)
-        return TokenClaims(lease, datetime.fromtimestamp(int(expires), UTC))
+        encoded, _, expires = _unb64(body).decode().rpartition("|")
+        expires_at = datetime.fromtimestamp(int(expires), UTC)
     except ValueError:
         return None
+    lease = Lease.decode(encoded)
+    return None if lease is None else TokenClaims(lease, expires_at)
 
 
 def callback_url(base_url: str, token: str) -> str:

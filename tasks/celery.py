@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
+from lqjobs.celery import create_app
 from lqjobs.errors import ConfigurationError
-from tasks.app import create_app
 
 try:
     app = create_app()

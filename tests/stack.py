@@ -16,11 +16,11 @@ from celery import Celery
 from celery.contrib.testing.worker import start_worker
 
 from bridge import Bridge, CeleryPublisher
+from lqjobs.celery import create_app
 from lqjobs.db import JobsDB
 from lqjobs.embedded import wait_until
+from lqjobs.lease import TASK_NAME
 from lqjobs.settings import Settings
-from tasks.app import create_app
-from tasks.run_job import TASK_NAME
 
 
 def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:

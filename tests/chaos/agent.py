@@ -200,7 +200,7 @@ def unauthenticated_callbacks() -> None:
 
 def no_callback_deadline() -> None:
     """A deferred job waits for its callback until the lease expires."""
-    from lqjobs.deadlines import DeferredDeadlines
+    from lqjobs.broker_state import DeferredDeadlines
 
     replace(DeferredDeadlines, "record", lambda self, lease, seconds: None)
 

@@ -20,9 +20,9 @@ import psycopg
 import pytest
 import redis
 
+from lqjobs.broker_state import DeferredDeadlines
 from lqjobs.callback import build_server
 from lqjobs.db import JobsDB
-from lqjobs.deadlines import DeferredDeadlines
 from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.settings import Settings

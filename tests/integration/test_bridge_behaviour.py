@@ -13,10 +13,10 @@ import psycopg
 import pytest
 
 from bridge import Bridge, CeleryPublisher
+from lqjobs.celery import create_app
 from lqjobs.embedded import free_port, wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import handlers
-from tasks.app import create_app
 from tests.stack import (
     add_jobs,
     bridge,

@@ -24,11 +24,11 @@ import pytest
 import redis
 
 from lqjobs import tokens
+from lqjobs.broker_state import DeferredDeadlines
 from lqjobs.callback import CallbackServer, build_server
 from lqjobs.callback_parsing import MAX_BODY_BYTES, MAX_ERROR_CHARS
 from lqjobs.cli import EXIT_CONFIG
 from lqjobs.db import JobsDB
-from lqjobs.deadlines import DeferredDeadlines
 from lqjobs.embedded import wait_until
 from lqjobs.lease import Lease
 from lqjobs.metrics import render

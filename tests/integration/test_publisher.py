@@ -18,11 +18,11 @@ from celery import Celery
 
 from bridge import Bridge, CeleryPublisher
 from bridge.publisher import _direct_queue
+from lqjobs.celery import create_app
 from lqjobs.embedded import wait_until
 from lqjobs.example_functions import FunctionServer
 from lqjobs.lease import Lease
 from lqjobs.models import JobRow
-from tasks.app import create_app
 from tests.stack import TENANT as STACK_TENANT
 from tests.stack import add_jobs, count, flush_broker, make_settings, worker
 

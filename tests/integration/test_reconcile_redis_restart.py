@@ -24,9 +24,9 @@ import psycopg
 import pytest
 import redis
 
+from lqjobs.celery import create_app
 from lqjobs.embedded import EmbeddedRedis, wait_until
 from lqjobs.example_functions import CallRecord, FunctionServer
-from tasks.app import create_app
 from tests import processes
 from tests.stack import add_jobs, bridge, count, make_settings
 

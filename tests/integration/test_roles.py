@@ -22,13 +22,13 @@ from psycopg import sql
 
 from lqjobs import roles
 from lqjobs.callback import build_server
+from lqjobs.celery import create_app
 from lqjobs.cli import main
 from lqjobs.db import JobsDB
 from lqjobs.embedded import wait_until
 from lqjobs.errors import DatabaseError
 from lqjobs.example_functions import FunctionServer
 from lqjobs.scheduler import Scheduler
-from tasks.app import create_app
 from tests import stack
 from tests.least_privilege import Logins, drop_roles, granted_logins, unique_prefix
 

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from lqjobs.broker_state import Claim, StartedMarks
 from lqjobs.db import Connection, JobsDB
 from lqjobs.db.fence import Fence
 from lqjobs.db.queue import Queue
@@ -22,7 +23,7 @@ from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import build_router, make_http_client
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
-from tasks.run_job import Claim, JobRunner, Result, StartedMarks
+from lqjobs.worker import JobRunner, Result
 from tests.stack import make_settings
 
 pytestmark = pytest.mark.integration
@@ -334,7 +335,7 @@ def redis_marks(redis_url: str, runner: JobRunner) -> Iterator[Any]:
     of its own, so that no callback service of another test reaps it)."""
     import redis
 
-    from lqjobs.deadlines import DeferredDeadlines
+    from lqjobs.broker_state import DeferredDeadlines
 
     client = redis.Redis.from_url(redis_url)
     key = f"lqjobs:deferred:test-{uuid4().hex}"

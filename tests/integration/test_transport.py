@@ -12,8 +12,8 @@ import redis
 from kombu import Connection, Exchange, Producer, Queue
 from kombu.transport import redis as kombu_redis
 
-from tasks.app import create_app, redis_transport
-from tasks.transport import Channel, Transport
+from lqjobs.celery import create_app, redis_transport
+from lqjobs.transport import Channel, Transport
 from tests.stack import flush_broker, make_settings
 
 pytestmark = pytest.mark.integration
@@ -70,7 +70,7 @@ def test_redis_broker_urls_select_the_transport(redis_url: str) -> None:
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
     assert redis_transport("rediss://broker:6380/0") == {
-        "broker_transport": "tasks.transport:Transport"
+        "broker_transport": "lqjobs.transport:Transport"
     }
     assert redis_transport("amqp://guest@broker//") == {}  # other brokers are left alone
     assert redis_transport("sentinel://broker:26379") == {}

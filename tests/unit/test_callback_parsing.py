@@ -20,7 +20,6 @@ from lqjobs.callback_parsing import (
     parse_report,
     token_of,
 )
-from lqjobs.deadlines import decode, encode
 from lqjobs.lease import Lease
 from lqjobs.settings import Settings
 
@@ -207,15 +206,6 @@ def test_token_query_must_hold_exactly_one_token() -> None:
     assert token_of("a=1&token=abc") == "abc"
     for query in ("", "token=", "token=a&token=b", "tok=abc", "&".join(["a=1"] * 20)):
         rejected(401, token_of, query)
-
-
-# -- deadlines: the sorted-set member round-trips the lease exactly -------------------------
-
-
-def test_deadline_member_round_trips_the_lease() -> None:
-    assert decode(encode(LEASE)) == LEASE
-    assert decode(encode(LEASE).encode()) == LEASE
-    assert decode("not|a|lease") is None
 
 
 # -- settings ---------------------------------------------------------------------------------

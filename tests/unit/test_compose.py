@@ -25,8 +25,8 @@ from psycopg.conninfo import conninfo_to_dict
 from lqjobs import migrate
 from lqjobs.cli import main as lqjobs_cli
 from lqjobs.executors import UnavailableExecutor, build_router
+from lqjobs.lease import TASK_NAME
 from lqjobs.settings import Settings, load_settings
-from tasks.run_job import TASK_NAME
 from tests.yaml_subset import load_yaml
 
 ROOT = Path(__file__).resolve().parents[2]

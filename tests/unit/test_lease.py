@@ -26,3 +26,18 @@ def test_message_args_round_trip() -> None:
     assert Lease(job_id, worker, attempts, datetime.fromisoformat(locked_at)) == lease  # type: ignore[arg-type]
     assert (task, tenant) == ("send-email", "t-1")
     assert lease.describe("t-1") == "job_id=7 attempt=1 database_id=t-1"
+
+
+def test_the_compact_form_round_trips_the_lease_exactly() -> None:
+    lease = Lease(7, "bridge-a-1", 3, AT)
+    assert lease.encode() == f"7|bridge-a-1|3|{lease.locked_at_us}"
+    assert Lease.decode(lease.encode()) == lease
+    assert Lease.decode(lease.encode().encode()) == lease
+    assert Lease.decode("not|a|lease") is None
+    assert Lease.decode("1|w|x|2") is None
+
+
+def test_message_args_decode_with_from_message() -> None:
+    lease = Lease(7, "bridge-a-1", 1, AT)
+    job_id, worker, attempts, locked_at, _, _ = lease.message_args("send-email", "t-1")
+    assert Lease.from_message(job_id, worker, attempts, locked_at) == lease  # type: ignore[arg-type]

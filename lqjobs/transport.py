@@ -21,7 +21,7 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-TRANSPORT_PATH = "tasks.transport:Transport"
+TRANSPORT_PATH = "lqjobs.transport:Transport"
 
 
 class Channel(kombu_redis.Channel):

@@ -1,18 +1,27 @@
-"""The Celery app: configured from Settings, with the one task that runs app_jobs jobs.
+"""lqjobs on Celery: the task that runs app_jobs jobs, its configuration, and the app.
 
-An existing Celery shop calls :func:`register` on its own app instead.
+``celery -A tasks worker`` builds the app with :func:`create_app`; an existing
+Celery shop calls :func:`register` on its own app instead. Nothing here imports
+a top-level ``tasks`` module, so a project's own ``tasks.py`` cannot shadow it.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from celery import Celery
+from celery import Celery, Task
 
+from lqjobs.broker_state import is_redis
 from lqjobs.errors import ConfigurationError
+from lqjobs.lease import TASK_NAME, Lease
 from lqjobs.settings import Settings, load_settings
-from tasks.run_job import TASK_NAME, register_run_job
-from tasks.transport import TRANSPORT_PATH
+from lqjobs.transport import TRANSPORT_PATH
+from lqjobs.worker import JobRunner, Result, build_runner
+
+BUSY_RETRY_SECONDS = 2.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -46,8 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 def redis_transport(broker_url: str) -> dict[str, Any]:
     """kombu's Redis transport minus a client object built per command
-    (tasks/transport.py), for plain Redis URLs; any other broker is left alone."""
-    if broker_url.startswith(("redis://", "rediss://")):
+    (lqjobs/transport.py), for plain Redis URLs; any other broker is left alone."""
+    if is_redis(broker_url):
         return {"broker_transport": TRANSPORT_PATH}
     return {}
 
@@ -68,6 +77,61 @@ def check_timeout_ladder(settings: Settings) -> None:
     problems = settings.timeout_ladder_problems()
     if problems:
         raise ConfigurationError("timeout ladder violated: " + "; ".join(problems))
+
+
+class _PerProcess:
+    """One runner per worker process, built lazily after a prefork child forks."""
+
+    def __init__(self, factory: Callable[[], JobRunner]) -> None:
+        self._factory = factory
+        self._lock = threading.Lock()
+        self._runner: JobRunner | None = None
+        self._pid = 0
+
+    def get(self) -> JobRunner:
+        with self._lock:
+            if self._runner is None or self._pid != os.getpid():
+                self._runner, self._pid = self._factory(), os.getpid()
+            return self._runner
+
+    def close(self) -> None:
+        with self._lock:
+            if self._runner is not None and self._pid == os.getpid():
+                self._runner.close()
+            self._runner = None
+
+
+def register_run_job(app: Celery, settings: Settings) -> Any:
+    """Add the run_job task to ``app``; returns the Celery task."""
+    runners = _PerProcess(lambda: build_runner(settings))
+
+    def run_job(
+        self: Task,
+        job_id: int,
+        worker_id: str,
+        attempts: int,
+        locked_at: str,
+        task_identifier: str,
+        database_id: str | None = None,  # shown in Flower; the row is what counts
+    ) -> str:
+        lease = Lease.from_message(job_id, worker_id, attempts, locked_at)
+        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+        result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
+        if result in (Result.BUSY, Result.UNAVAILABLE):  # come back later, never drop
+            raise self.retry(countdown=BUSY_RETRY_SECONDS)
+        return str(result.value)
+
+    task = app.task(
+        name=TASK_NAME,
+        bind=True,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        ignore_result=True,
+        max_retries=None,
+        shared=False,
+    )(run_job)
+    task.runners = runners  # lets an embedding process (or a test) close the pools
+    return task
 
 
 def register(app: Celery, settings: Settings) -> None:

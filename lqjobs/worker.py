@@ -1,4 +1,4 @@
-"""The Celery task that runs one app_jobs job under its lease.
+"""The job runner: what the Celery task (:mod:`lqjobs.celery`) does with one delivery.
 
 Order of events for one delivery:
 1. preflight: the row must still be held under the message's lease (else the
@@ -21,25 +21,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
-import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import redis
-from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lqjobs import tokens
+from lqjobs.broker_state import Claim, DeferredDeadlines, StartedMarks, is_redis
 from lqjobs.db import Connection
 from lqjobs.db.fence import Fence
-from lqjobs.deadlines import KEY as DEFERRED_KEY
-from lqjobs.deadlines import DeferredDeadlines
-from lqjobs.deadlines import encode as deferred_member
 from lqjobs.errors import DatabaseError, DatabaseUnavailable
 from lqjobs.executors import (
     Deferred,
@@ -57,8 +52,6 @@ from lqjobs.metrics import MetricsServer, Sample, counter_samples, serve
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
-TASK_NAME = "lqjobs.run_job"
-BUSY_RETRY_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -73,54 +66,6 @@ class Result(enum.Enum):
     WORKER_LOST = "worker_lost"  # delivered again after its call had started: failed, not re-run
     DUPLICATE = "duplicate"  # delivered again while its call awaits a callback: dropped, untouched
     UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
-
-
-class Claim(enum.Enum):
-    """What one delivery learns from claiming the start of its lease's call."""
-
-    FIRST = "first"  # nobody started this lease's call before: make it
-    STARTED = "started"  # an earlier delivery started it (its worker died mid-call)
-    DEFERRED = "deferred"  # an earlier delivery started it and handed it to a callback
-
-
-class StartedMarks:
-    """Remembers in Redis which leases had their call started, so a second delivery
-    of a lease (a redelivery after a lost worker, or a re-published message) is
-    told apart from the first start of its call.
-
-    One round trip per first delivery: ``SET key 1 NX EX ttl`` claims the start. Only
-    a delivery that finds the start claimed already asks (``ZSCORE``) the
-    deferred-deadline set whether the earlier delivery handed this lease to an
-    asynchronous callback."""
-
-    def __init__(
-        self, client: redis.Redis | None, ttl: timedelta, deferred_key: str = DEFERRED_KEY
-    ) -> None:
-        self.client = client
-        self.ttl = ttl
-        self.deferred_key = deferred_key
-
-    @staticmethod
-    def _key(lease: Lease) -> str:
-        return f"lqjobs:started:{lease.task_id()}"
-
-    def claim(self, lease: Lease) -> Claim:
-        """Best effort: without Redis every delivery counts as the first (a lost
-        worker's redelivery may then call the function a second time, which is
-        at-least-once), because an exception here would strand the job."""
-        if self.client is None:
-            return Claim.FIRST
-        try:
-            if self.client.set(self._key(lease), b"1", nx=True, ex=self.ttl):
-                return Claim.FIRST
-            deferred_until = self.client.zscore(self.deferred_key, deferred_member(lease))
-        except redis.RedisError:
-            log.warning(
-                "could not claim the start of the call",
-                extra={"action": "start_claim_failed", "job_id": lease.job_id},
-            )
-            return Claim.FIRST
-        return Claim.STARTED if deferred_until is None else Claim.DEFERRED
 
 
 class JobRunner:
@@ -340,9 +285,7 @@ def build_runner(settings: Settings) -> JobRunner:
     )
     client = make_http_client(settings)
     broker = settings.broker_url.get_secret_value()
-    marks_client = (
-        redis.Redis.from_url(broker) if broker.startswith(("redis:", "rediss:")) else None
-    )
+    marks_client = redis.Redis.from_url(broker) if is_redis(broker) else None
     marks = StartedMarks(marks_client, timedelta(seconds=settings.job_expiry))
     deadlines = (
         DeferredDeadlines(marks_client, marks.deferred_key) if marks_client is not None else None
@@ -357,58 +300,3 @@ def build_runner(settings: Settings) -> JobRunner:
             extra={"action": "metrics_port_in_use"},
         )
     return runner
-
-
-class _PerProcess:
-    """One runner per worker process, built lazily after a prefork child forks."""
-
-    def __init__(self, factory: Callable[[], JobRunner]) -> None:
-        self._factory = factory
-        self._lock = threading.Lock()
-        self._runner: JobRunner | None = None
-        self._pid = 0
-
-    def get(self) -> JobRunner:
-        with self._lock:
-            if self._runner is None or self._pid != os.getpid():
-                self._runner, self._pid = self._factory(), os.getpid()
-            return self._runner
-
-    def close(self) -> None:
-        with self._lock:
-            if self._runner is not None and self._pid == os.getpid():
-                self._runner.close()
-            self._runner = None
-
-
-def register_run_job(app: Celery, settings: Settings) -> Any:
-    """Add the run_job task to ``app``; returns the Celery task."""
-    runners = _PerProcess(lambda: build_runner(settings))
-
-    def run_job(
-        self: Task,
-        job_id: int,
-        worker_id: str,
-        attempts: int,
-        locked_at: str,
-        task_identifier: str,
-        database_id: str | None = None,  # shown in Flower; the row is what counts
-    ) -> str:
-        lease = Lease(job_id, worker_id, attempts, datetime.fromisoformat(locked_at))
-        redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-        result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
-        if result in (Result.BUSY, Result.UNAVAILABLE):  # come back later, never drop
-            raise self.retry(countdown=BUSY_RETRY_SECONDS)
-        return str(result.value)
-
-    task = app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        max_retries=None,
-        shared=False,
-    )(run_job)
-    task.runners = runners  # lets an embedding process (or a test) close the pools
-    return task
