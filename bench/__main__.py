@@ -30,12 +30,12 @@ import psycopg
 from redis import Redis
 
 from bench import cpu
-from lqjobs import migrate
 from lqjobs.db.base import walk_job_index
 from lqjobs.db.queue import Queue
-from lqjobs.dev import worker_argv
-from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 from lqjobs.executors import Done, Invocation, build_router, make_http_client
+from lqjobs.ops import migrate
+from lqjobs.ops.dev import worker_argv
+from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
 from lqjobs.settings import load_settings
 
 TENANT = "00000000-0000-0000-0000-00000000bead"

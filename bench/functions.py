@@ -2,7 +2,7 @@
 
 In service a job's function runs in its own pod, not on the cores of the bridge
 and the workers; here it shares this machine's two cores with them.
-``lqjobs.example_functions.FunctionServer`` (built for tests: every route, status
+``lqjobs.ops.example_functions.FunctionServer`` (built for tests: every route, status
 and callback they need) spends about 1 ms of CPU per call in ``http.server``, a
 tenth of a no-op job's whole cost, so the bench would partly measure its own
 stand-in. This one answers keep-alive POSTs from one thread.

@@ -1,3 +1,3 @@
-from lqjobs.cli import main
+from lqjobs.ops.cli import main
 
 main()

@@ -31,8 +31,8 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from lqjobs import tokens
 from lqjobs.broker_state import Claim, DeferredDeadlines, StartedMarks, is_redis
+from lqjobs.callback import tokens
 from lqjobs.db import Connection
 from lqjobs.db.fence import Fence
 from lqjobs.errors import DatabaseError, DatabaseUnavailable

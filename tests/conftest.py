@@ -18,8 +18,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from lqjobs import migrate
-from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis
+from lqjobs.ops import migrate
+from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.databases import database_url, drop_database, recreate_database
 
 TEMPLATE_DB = "lqjobs_template"

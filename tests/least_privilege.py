@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from lqjobs import roles
+from lqjobs.ops import roles
 
 _counter = itertools.count()
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from lqjobs.dev import worker_argv
+from lqjobs.ops.dev import worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 

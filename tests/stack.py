@@ -18,8 +18,8 @@ from celery.contrib.testing.worker import start_worker
 from bridge import Bridge, CeleryPublisher
 from lqjobs.celery import create_app
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
 from lqjobs.lease import TASK_NAME
+from lqjobs.ops.embedded import wait_until
 from lqjobs.settings import Settings
 
 

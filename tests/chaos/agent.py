@@ -174,8 +174,8 @@ def shared_worker_id() -> None:
 def unauthenticated_callbacks() -> None:
     """Upstream's callback server: any POST naming a job settles it, no token, no
     lease check; a POST without ``X-Job-Id`` is a health check."""
-    from lqjobs.callback import CallbackService, Reply
-    from lqjobs.callback_parsing import CallbackRequest, Rejected, parse_report
+    from lqjobs.callback.parsing import CallbackRequest, Rejected, parse_report
+    from lqjobs.callback.service import CallbackService, Reply
     from lqjobs.db.queue import Queue
 
     def handle(self: CallbackService, request: CallbackRequest) -> Reply:
@@ -251,7 +251,7 @@ def main() -> None:
         sys.argv = ["celery", "-A", "tasks", "worker", *options]
         celery_main()
     else:
-        from lqjobs.cli import main as lqjobs_main
+        from lqjobs.ops.cli import main as lqjobs_main
 
         sys.argv = ["lqjobs", role, *options]
         lqjobs_main()

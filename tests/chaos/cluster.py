@@ -26,10 +26,10 @@ from uuid import UUID
 import psycopg
 import redis
 
-from lqjobs import migrate
 from lqjobs.db import JobsDB
-from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops import migrate
+from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests.databases import database_url, recreate_database
 from tests.least_privilege import granted_logins
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from lqjobs.example_functions import CallRecord
+from lqjobs.ops.example_functions import CallRecord
 
 
 @dataclass

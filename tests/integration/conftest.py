@@ -20,7 +20,7 @@ import pytest
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from lqjobs.embedded import wait_until
+from lqjobs.ops.embedded import wait_until
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 TENANT = UUID("5b720132-17d5-424d-9bcb-ee7b17c13d43")

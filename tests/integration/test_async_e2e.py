@@ -21,10 +21,10 @@ import pytest
 import redis
 
 from lqjobs.broker_state import DeferredDeadlines
-from lqjobs.callback import build_server
+from lqjobs.callback.server import build_server
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 from tests.stack import count, flush_broker, make_settings, stack, wait_for_empty_queue
 

@@ -14,9 +14,9 @@ import pytest
 
 from bridge import Bridge, CeleryPublisher
 from lqjobs.celery import create_app
-from lqjobs.embedded import free_port, wait_until
-from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import handlers
+from lqjobs.ops.embedded import free_port, wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests.stack import (
     add_jobs,
     bridge,

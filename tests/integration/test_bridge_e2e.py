@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.example_functions import FunctionServer
 from tests.stack import TENANT, add_jobs, count, make_settings, stack, wait_for_empty_queue
 
 pytestmark = pytest.mark.integration
@@ -99,6 +99,6 @@ def test_a_permanent_failure_is_parked_after_one_call(
 
 
 def wait_until_unlocked(db_url: str) -> None:
-    from lqjobs.embedded import wait_until
+    from lqjobs.ops.embedded import wait_until
 
     wait_until(lambda: count(db_url, "locked_by IS NOT NULL") == 0, 20, "jobs to be unlocked")

@@ -23,15 +23,15 @@ import psycopg
 import pytest
 import redis
 
-from lqjobs import tokens
 from lqjobs.broker_state import DeferredDeadlines
-from lqjobs.callback import CallbackServer, build_server
-from lqjobs.callback_parsing import MAX_BODY_BYTES, MAX_ERROR_CHARS
-from lqjobs.cli import EXIT_CONFIG
+from lqjobs.callback import tokens
+from lqjobs.callback.parsing import MAX_BODY_BYTES, MAX_ERROR_CHARS
+from lqjobs.callback.server import CallbackServer, build_server
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
+from lqjobs.ops.cli import EXIT_CONFIG
+from lqjobs.ops.embedded import wait_until
 from lqjobs.settings import Settings
 from tests.processes import Process, environment
 from tests.stack import flush_broker, make_settings

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lqjobs.cli import EXIT_CONFIG, main
+from lqjobs.ops.cli import EXIT_CONFIG, main
 
 pytestmark = pytest.mark.integration
 

@@ -7,8 +7,8 @@ import time
 
 import httpx
 
-from lqjobs.embedded import wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 
 
 def call(server: FunctionServer, job_id: int, payload: str) -> float:

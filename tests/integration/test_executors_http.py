@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import (
     Deferred,
     DevMapExecutor,
@@ -31,6 +30,7 @@ from lqjobs.executors import (
     OpenFaaSExecutor,
     make_http_client,
 )
+from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 
 pytestmark = pytest.mark.integration

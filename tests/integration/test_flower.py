@@ -19,8 +19,8 @@ import psycopg
 import pytest
 
 from lqjobs.db import JobsDB
-from lqjobs.embedded import free_port, wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.embedded import free_port, wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.stack import count, flush_broker, make_settings, stack
 

@@ -31,8 +31,8 @@ import pytest
 import redis
 
 from lqjobs.db import JobsDB
-from lqjobs.embedded import EmbeddedRedis, free_port, wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.embedded import EmbeddedRedis, free_port, wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.least_privilege import Logins, granted_logins
 from tests.stack import count

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from lqjobs.embedded import wait_until
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.stack import add_jobs, count, flush_broker
 

@@ -19,10 +19,10 @@ from celery import Celery
 from bridge import Bridge, CeleryPublisher
 from bridge.publisher import _direct_queue
 from lqjobs.celery import create_app
-from lqjobs.embedded import wait_until
-from lqjobs.example_functions import FunctionServer
 from lqjobs.lease import Lease
 from lqjobs.models import JobRow
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from tests.stack import TENANT as STACK_TENANT
 from tests.stack import add_jobs, count, flush_broker, make_settings, worker
 

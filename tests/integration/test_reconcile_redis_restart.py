@@ -25,8 +25,8 @@ import pytest
 import redis
 
 from lqjobs.celery import create_app
-from lqjobs.embedded import EmbeddedRedis, wait_until
-from lqjobs.example_functions import CallRecord, FunctionServer
+from lqjobs.ops.embedded import EmbeddedRedis, wait_until
+from lqjobs.ops.example_functions import CallRecord, FunctionServer
 from tests import processes
 from tests.stack import add_jobs, bridge, count, make_settings
 

@@ -20,14 +20,14 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from lqjobs import roles
-from lqjobs.callback import build_server
+from lqjobs.callback.server import build_server
 from lqjobs.celery import create_app
-from lqjobs.cli import main
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
 from lqjobs.errors import DatabaseError
-from lqjobs.example_functions import FunctionServer
+from lqjobs.ops import roles
+from lqjobs.ops.cli import main
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.scheduler import Scheduler
 from tests import stack
 from tests.least_privilege import Logins, drop_roles, granted_logins, unique_prefix

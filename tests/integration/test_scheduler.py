@@ -19,7 +19,7 @@ import pytest
 from psycopg import sql
 
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
+from lqjobs.ops.embedded import wait_until
 from lqjobs.scheduler import Scheduler
 from lqjobs.settings import Settings
 from tests.job_sink import install_sink, sunk, whole_seconds

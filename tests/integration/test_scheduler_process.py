@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from lqjobs.db import JobsDB
-from lqjobs.embedded import wait_until
+from lqjobs.ops.embedded import wait_until
 from tests import processes
 from tests.job_sink import install_sink, sunk, whole_seconds
 

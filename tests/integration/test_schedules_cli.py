@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from lqjobs.cli import main
 from lqjobs.db import JobsDB
 from lqjobs.models import JobRow
+from lqjobs.ops.cli import main
 from lqjobs.scheduler import application_name
 
 pytestmark = pytest.mark.integration

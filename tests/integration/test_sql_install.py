@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from lqjobs import migrate
 from lqjobs.db.schema import apply_schema
+from lqjobs.ops import migrate
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ def test_reapplying_with_psql_changes_nothing(empty_db_url, psql_apply, catalogu
 
 
 def test_reapplying_in_one_driver_transaction_changes_nothing(db_url, catalogue, sql_files):
-    """The way lqjobs.migrate applies the files: one script per file, one transaction."""
+    """The way lqjobs.ops.migrate applies the files: one script per file, one transaction."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         _seed(conn)
         before = catalogue(conn)

@@ -18,11 +18,11 @@ from lqjobs.broker_state import Claim, StartedMarks
 from lqjobs.db import Connection, JobsDB
 from lqjobs.db.fence import Fence
 from lqjobs.db.queue import Queue
-from lqjobs.embedded import wait_until
-from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import build_router, make_http_client
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
+from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.worker import JobRunner, Result
 from tests.stack import make_settings
 
@@ -256,7 +256,7 @@ def test_an_unreachable_marks_store_never_strands_the_job(
 ) -> None:
     import redis
 
-    from lqjobs.embedded import free_port
+    from lqjobs.ops.embedded import free_port
 
     dead = redis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=0.2)
     runner.marks = StartedMarks(dead, timedelta(minutes=1))

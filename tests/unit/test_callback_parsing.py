@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from lqjobs import tokens
-from lqjobs.callback_parsing import (
+from lqjobs.callback import tokens
+from lqjobs.callback.parsing import (
     MAX_ERROR_CHARS,
     CallbackRequest,
     Rejected,

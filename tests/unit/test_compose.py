@@ -22,10 +22,10 @@ from celery.app.utils import find_app
 from celery.bin.celery import celery as celery_cli
 from psycopg.conninfo import conninfo_to_dict
 
-from lqjobs import migrate
-from lqjobs.cli import main as lqjobs_cli
 from lqjobs.executors import UnavailableExecutor, build_router
 from lqjobs.lease import TASK_NAME
+from lqjobs.ops import migrate
+from lqjobs.ops.cli import main as lqjobs_cli
 from lqjobs.settings import Settings, load_settings
 from tests.yaml_subset import load_yaml
 
@@ -283,9 +283,9 @@ def test_celery_commands_load_the_lqjobs_app(argv: list[str]) -> None:
 
 def test_the_function_server_command_is_an_entry_point() -> None:
     argv = argv_of(SERVICES["functions"]["command"])
-    assert argv[:3] == ["python", "-m", "lqjobs.example_functions"]
+    assert argv[:3] == ["python", "-m", "lqjobs.ops.example_functions"]
     shown = subprocess.run(
-        [sys.executable, "-m", "lqjobs.example_functions", "--help"],
+        [sys.executable, "-m", "lqjobs.ops.example_functions", "--help"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -293,7 +293,7 @@ def test_the_function_server_command_is_an_entry_point() -> None:
     )
     assert shown.returncode == 0, shown.stderr
     for flag in argv[3::2]:
-        assert flag in shown.stdout, f"python -m lqjobs.example_functions has no {flag}"
+        assert flag in shown.stdout, f"python -m lqjobs.ops.example_functions has no {flag}"
 
 
 # -- environment -------------------------------------------------------------------------
@@ -460,9 +460,11 @@ def test_the_image_is_python_311_slim_and_not_root() -> None:
 
 
 def test_the_image_copies_every_package_and_installs_it_without_extras() -> None:
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    top_level = {pattern.rstrip("*") for pattern in find["packages"]["find"]["include"]}
     copied = {source.rstrip("/") for source in copies()}
-    assert set(packages["packages"]) <= copied
+    assert top_level == {"lqjobs", "bridge", "tasks"}
+    assert top_level <= copied
     assert {"pyproject.toml", "README.md", "sql"} <= copied
     ignored = {
         line.strip().rstrip("/")
@@ -503,7 +505,7 @@ def test_migrate_finds_the_sql_the_image_copies(
     for source in (ROOT / "sql").glob("*.sql"):
         (installed / source.name).write_text(source.read_text())
     # as installed: no checkout beside the package, sys.prefix is the image's
-    monkeypatch.setattr(migrate, "__file__", str(tmp_path / "site-packages/lqjobs/migrate.py"))
+    monkeypatch.setattr(migrate, "__file__", str(tmp_path / "site-packages/lqjobs/ops/migrate.py"))
     monkeypatch.setattr(sys, "prefix", str(tmp_path))
     assert migrate.sql_dir() == installed
     assert [f.name for f in migrate.sql_files()] == sorted(

@@ -17,7 +17,6 @@ import httpx
 import pytest
 
 from lqjobs.errors import ConfigurationError, ExecutorError
-from lqjobs.example_functions import FunctionServer
 from lqjobs.executors import (
     Deferred,
     DevMapExecutor,
@@ -38,6 +37,7 @@ from lqjobs.executors import (
     classify_status,
     make_http_client,
 )
+from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 
 DB_ID = "5b5a1e4e-0b7e-4f69-9a3e-1f1d8a2b7c11"

@@ -5,7 +5,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from lqjobs import tokens
+from lqjobs.callback import tokens
 from lqjobs.errors import ConfigurationError
 from lqjobs.lease import Lease
 

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import psycopg
 
-from lqjobs import tokens
-from lqjobs.embedded import wait_until
+from lqjobs.callback import tokens
 from lqjobs.lease import Lease
+from lqjobs.ops.embedded import wait_until
 from tests.chaos.cluster import CALLBACK_KEYS, Cluster, Run
 from tests.chaos.scenarios.common import (
     Scale,

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from lqjobs.embedded import wait_until
+from lqjobs.ops.embedded import wait_until
 from tests.chaos.cluster import Component, Run
 from tests.chaos.oracle import judge, wait_quiescent
 from tests.chaos.scoreboard import Result

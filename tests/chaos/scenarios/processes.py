@@ -11,7 +11,7 @@ from typing import Any
 
 import psycopg
 
-from lqjobs.embedded import wait_until
+from lqjobs.ops.embedded import wait_until
 from tests.chaos.cluster import TENANT, WORKER_OPTIONS, Cluster, Run
 from tests.chaos.oracle import Tally, job_states, wait_quiescent
 from tests.chaos.scenarios.common import (

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-from lqjobs import tokens
+from lqjobs.callback import tokens
 from lqjobs.errors import LqJobsError
 from lqjobs.executors import is_permanent_status
 from lqjobs.lease import Lease

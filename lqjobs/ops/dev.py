@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from lqjobs import db, migrate
-from lqjobs.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
+from lqjobs import db
 from lqjobs.errors import ConfigurationError
+from lqjobs.ops import migrate
+from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 from lqjobs.settings import Settings, redact_url
 
 DEMO_TENANT = "00000000-0000-0000-0000-0000000000de"
@@ -125,7 +126,7 @@ class Stack:
             "functions": [
                 python,
                 "-m",
-                "lqjobs.example_functions",
+                "lqjobs.ops.example_functions",
                 "--port",
                 str(self.ports["functions"]),
             ],

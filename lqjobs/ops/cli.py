@@ -17,9 +17,10 @@ from uuid import UUID
 
 import click
 
-from lqjobs import db, migrate, roles
+from lqjobs import db
 from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
 from lqjobs.metrics import Sample, serve
+from lqjobs.ops import migrate, roles
 from lqjobs.settings import Settings, load_settings, redact_url
 
 EXIT_OK = 0
@@ -375,7 +376,7 @@ def callback_command(ctx: Context, host: str | None, port: int | None) -> None:
     """Settle asynchronous functions' jobs from their callbacks, and fail those whose
     callback is overdue (env: LQJOBS_CALLBACK_KEYS, LQJOBS_CALLBACK_DEADLINE,
     LQJOBS_BROKER_URL)."""
-    from lqjobs.callback import build_server
+    from lqjobs.callback.server import build_server
     from lqjobs.logs import configure_logging
 
     settings = ctx.settings
@@ -400,7 +401,7 @@ def dev_command(ctx: Context, data_dir: Path, no_demo: bool, flower_port: int) -
     """The whole stack on this machine: embedded Postgres and Redis (unless DATABASE_URL /
     PG* and LQJOBS_BROKER_URL are set), bridge, worker, callback, scheduler, Flower and
     example functions, with a demo. Ctrl-C stops everything."""
-    from lqjobs import dev
+    from lqjobs.ops import dev
 
     sys.exit(dev.run(ctx.settings, data_dir, demo=not no_demo, flower_port=flower_port))
 
@@ -411,7 +412,7 @@ def dev_command(ctx: Context, data_dir: Path, no_demo: bool, flower_port: int) -
 def doctor_command(ctx: Context) -> None:
     """Check the settings and timeout ladder, the broker, the schema and the queue;
     exit 1 when something will stop jobs from running."""
-    from lqjobs import doctor
+    from lqjobs.ops import doctor
 
     findings = doctor.diagnose(ctx.settings)
     click.echo(doctor.render(findings))

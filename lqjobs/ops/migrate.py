@@ -40,7 +40,7 @@ class MigrationResult:
 def sql_dir() -> Path:
     """The shipped sql/: beside the package in a checkout, under share/ when installed."""
     for candidate in (
-        Path(__file__).resolve().parent.parent / "sql",
+        Path(__file__).resolve().parents[2] / "sql",
         Path(sys.prefix) / "share" / "lqjobs" / "sql",
     ):
         if candidate.is_dir() and any(candidate.glob("*.sql")):
