@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from lqjobs.ops.example_functions import CallRecord
+from lqjobs.ops.function_calls import CallRecord
 
 
 @dataclass

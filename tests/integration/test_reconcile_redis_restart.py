@@ -26,7 +26,8 @@ import redis
 
 from lqjobs.celery import create_app
 from lqjobs.ops.embedded import EmbeddedRedis, wait_until
-from lqjobs.ops.example_functions import CallRecord, FunctionServer
+from lqjobs.ops.example_functions import FunctionServer
+from lqjobs.ops.function_calls import CallRecord
 from tests import processes
 from tests.stack import add_jobs, bridge, count, make_settings
 

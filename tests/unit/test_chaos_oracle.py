@@ -3,7 +3,7 @@ only when the bug itself was seen."""
 
 from __future__ import annotations
 
-from lqjobs.ops.example_functions import CallRecord
+from lqjobs.ops.function_calls import CallRecord
 from tests.chaos.oracle import Tally, _overlaps
 from tests.chaos.scoreboard import Bounds, Result, Row, failures
 
