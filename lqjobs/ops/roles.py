@@ -1,4 +1,4 @@
-"""Least-privilege database roles for the four runtime components (reliability.md S6).
+"""Least-privilege database roles for the four runtime components (docs/design.md, S6).
 
 ``lqjobs grant`` prints (or, with ``--apply``, runs) the SQL built here. It creates
 one NOLOGIN group role per component and grants it exactly what that component's
@@ -6,30 +6,23 @@ queries need; operators then create login users that are members of these roles.
 This module builds SQL, like :mod:`lqjobs.db`, on purpose: it is the one other place
 where lqjobs writes SQL, and every name in it is quoted as an identifier.
 
-Derivation (every query in lqjobs/db.py, by the component that runs it). The queue
+Derivation: :data:`STATEMENTS` names every statement each component runs (the
+methods of the :mod:`lqjobs.db` role classes it calls; a test holds that list
+against the code and runs each statement under the component's role). The queue
 functions other than ``add_job`` / ``add_scheduled_job`` are not SECURITY DEFINER:
 they run with the caller's table privileges, and so do the row triggers on
 ``jobs`` (timestamps, ``job_queues`` bookkeeping, NOTIFY). ``SELECT ... FOR
-UPDATE / FOR SHARE`` needs UPDATE on the table as well as SELECT.
+UPDATE / FOR SHARE`` needs UPDATE on the table as well as SELECT. So:
 
-bridge (bridge/loop.py)
-    ``get_job`` (SELECT/UPDATE jobs and job_queues, both FOR UPDATE), ``fail_job``
-    and ``permanently_fail_jobs`` for oversized payloads (UPDATE jobs, job_queues),
-    ``count_locked_by`` / ``seconds_until_next_job`` / ``queue_gauges`` (metrics) /
-    ``jobs_locked_by`` (the broker-restart reconciler) (SELECT jobs).
-    It never deletes.
-worker (tasks/run_job.py)
-    ``preflight`` (jobs FOR SHARE), the fenced ``complete_job`` (DELETE jobs; the
-    delete trigger UPDATEs / DELETEs job_queues), ``fail_job``,
-    ``permanently_fail_jobs``; advisory locks and ``pg_notify`` need nothing.
-callback (lqjobs/callback.py)
-    ``lock_lease_state`` (jobs FOR UPDATE), the fenced ``complete_job`` and
-    ``fail_job`` (also the deadline reaper's).
-scheduler (lqjobs/scheduler.py)
-    ``get_scheduled_job`` / ``release_scheduled_jobs`` / ``scheduled_jobs_locked_by``
-    (SELECT/UPDATE scheduled_jobs) and ``run_scheduled_job``: it INSERTs into jobs
-    (``jobs_id_seq`` for the id, RETURNING needs SELECT), and the insert trigger
-    upserts job_queues (INSERT ... ON CONFLICT DO UPDATE: SELECT, INSERT, UPDATE).
+- bridge: ``get_job`` (SELECT/UPDATE jobs and job_queues), ``fail_job`` and
+  ``permanently_fail_jobs`` for oversized payloads, and reads of jobs; it never deletes;
+- worker: the preflight (jobs FOR SHARE) and the fenced ``complete_job`` (DELETE
+  jobs; the delete trigger updates / deletes job_queues) and ``fail_job``;
+  advisory locks and ``pg_notify`` need nothing;
+- callback: the lease state (jobs FOR UPDATE) and the same fenced writes;
+- scheduler: SELECT/UPDATE scheduled_jobs and ``run_scheduled_job``, which INSERTs
+  into jobs (``jobs_id_seq``; RETURNING needs SELECT) while the insert trigger
+  upserts job_queues (SELECT, INSERT, UPDATE).
 
 Nothing here is superuser, owns an object, or gets CREATE, TRUNCATE, REFERENCES or
 TRIGGER. Re-running converges on exactly this matrix: each role's privileges on
@@ -59,7 +52,7 @@ COMPONENTS = ("bridge", "worker", "callback", "scheduler")
 DEFAULT_PREFIX = "jobs_"
 _ROLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-# The queue API's argument types (sql-contract.md): GRANT / REVOKE name a function
+# The queue API's argument types (sql/030_functions.sql): GRANT / REVOKE name a function
 # by its signature.
 FUNCTION_SIGNATURES: dict[str, str] = {
     "get_job": "text, text[], interval",
@@ -88,6 +81,37 @@ class Privileges:
     sequences: tuple[str, ...] = ()
 
 
+# The statements each component runs: "<lqjobs.db role class>.<method>".
+STATEMENTS: dict[str, tuple[str, ...]] = {
+    "bridge": (
+        "Queue.get_jobs_under_cap",
+        "Queue.fail_job",
+        "Queue.permanently_fail_jobs",
+        "Reads.count_locked_by",
+        "Reads.jobs_locked_by",
+        "Reads.queue_gauges",
+        "Reads.seconds_until_next_job",
+    ),
+    "worker": (
+        "Fence.preflight",
+        "Fence.release_advisory",
+        "Fence.fenced_complete",
+        "Fence.fenced_fail",
+        "Fence.fenced_fail_permanently",
+    ),
+    "callback": (
+        "Fence.lock_lease_state",
+        "Fence.fenced_complete",
+        "Fence.fenced_fail",
+        "Fence.fenced_fail_permanently",
+    ),
+    "scheduler": (
+        "Scheduled.get_scheduled_job",
+        "Scheduled.release_scheduled_jobs",
+        "Scheduled.run_scheduled_job",
+        "Scheduled.scheduled_jobs_locked_by",
+    ),
+}
 _SETTLE = ("SELECT", "UPDATE", "DELETE")
 MATRIX: dict[str, Privileges] = {
     "bridge": Privileges(
@@ -160,7 +184,7 @@ def grant_sql(
 ) -> str:
     """:func:`grant_statements` as one psql-ready script, wrapped in a transaction."""
     parts = [
-        "-- lqjobs least-privilege roles (reliability.md S6); re-running is a no-op.",
+        "-- lqjobs least-privilege roles (docs/design.md, S6); re-running is a no-op.",
         f"-- Schema: {clean_text(schema, 100)}. "
         "Run as the schema owner with CREATEROLE (or a superuser).",
         "BEGIN;",

@@ -1,4 +1,4 @@
-"""Least-privilege roles (reliability.md S6): ``lqjobs grant`` creates one NOLOGIN role
+"""Least-privilege roles (docs/design.md, S6): ``lqjobs grant`` creates one NOLOGIN role
 per component; login users in them may do exactly what their component needs.
 
 (a) each role is denied DDL, TRUNCATE, other schemas, and every queue function
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -23,7 +24,12 @@ from psycopg import sql
 from lqjobs.callback.server import build_server
 from lqjobs.celery import create_app
 from lqjobs.db import JobsDB
+from lqjobs.db.fence import Fence
+from lqjobs.db.queue import Queue
+from lqjobs.db.reads import Reads
+from lqjobs.db.scheduled import Scheduled
 from lqjobs.errors import DatabaseError
+from lqjobs.lease import Lease
 from lqjobs.ops import roles
 from lqjobs.ops.cli import main
 from lqjobs.ops.embedded import wait_until
@@ -342,3 +348,75 @@ def test_components_run_under_their_roles(db_url: str, redis_url: str, logins: L
     assert counters["deadline_failed"] == 1
     called = {call.job_id for call in functions.calls.all()}
     assert set(sync_ids) | {serial} | set(async_ids) <= called
+
+
+def _statement_calls() -> dict[str, Any]:
+    """One harmless call of every statement ``roles.STATEMENTS`` lists (a lease and
+    ids that match no row): what each needs of its role is checked as it starts."""
+    hour = timedelta(hours=1)
+    lease = Lease(0, "deny-test", 1, datetime(2026, 1, 1, tzinfo=UTC))
+    queue, reads, fence, scheduled = Queue(), Reads(), Fence(), Scheduled()
+    return {
+        "Queue.get_jobs_under_cap": lambda c: queue.get_jobs_under_cap(
+            c, "deny-test", ["no-such-task"], hour, 1, 10
+        ),
+        "Queue.fail_job": lambda c: queue.fail_job(c, "deny-test", 0, "x"),
+        "Queue.permanently_fail_jobs": lambda c: queue.permanently_fail_jobs(c, [0], "x"),
+        "Reads.count_locked_by": lambda c: reads.count_locked_by(c, "deny-test"),
+        "Reads.jobs_locked_by": lambda c: reads.jobs_locked_by(c, "deny-test", hour),
+        "Reads.queue_gauges": lambda c: reads.queue_gauges(c, None),
+        "Reads.seconds_until_next_job": lambda c: reads.seconds_until_next_job(c, None, hour),
+        "Fence.preflight": lambda c: fence.preflight(c, lease),
+        "Fence.release_advisory": lambda c: fence.release_advisory(c, 0),
+        "Fence.fenced_complete": lambda c: (
+            fence.fenced_complete(c, lease),
+            fence.fenced_complete(c, lease, release_advisory=True),
+        ),
+        "Fence.fenced_fail": lambda c: (
+            fence.fenced_fail(c, lease, "x"),
+            fence.fenced_fail(c, lease, "x", release_advisory=True),
+        ),
+        "Fence.fenced_fail_permanently": lambda c: fence.fenced_fail_permanently(c, lease, "x"),
+        "Fence.lock_lease_state": lambda c: fence.lock_lease_state(c, lease, lease.locked_at),
+        "Scheduled.get_scheduled_job": lambda c: scheduled.get_scheduled_job(
+            c, "deny-test", ["no-such-task"]
+        ),
+        "Scheduled.release_scheduled_jobs": lambda c: scheduled.release_scheduled_jobs(
+            c, "deny-test"
+        ),
+        "Scheduled.run_scheduled_job": lambda c: scheduled.run_scheduled_job(c, 0, hour),
+        "Scheduled.scheduled_jobs_locked_by": lambda c: scheduled.scheduled_jobs_locked_by(
+            c, "deny-test"
+        ),
+    }
+
+
+def test_each_component_may_run_every_statement_it_lists(logins: Logins) -> None:
+    calls = _statement_calls()
+    denied: dict[tuple[str, str], str | None] = {}
+    for component, statements in roles.STATEMENTS.items():
+        with psycopg.connect(logins.urls[component], autocommit=True) as conn:
+            for statement in statements:
+                try:
+                    calls[statement](conn)
+                except DatabaseError as exc:
+                    denied[(component, statement)] = exc.sqlstate
+    assert denied == {}
+
+
+def test_a_statement_outside_a_components_list_is_denied(logins: Logins) -> None:
+    """The negative control: the grants are narrow enough that borrowing another
+    component's statement fails."""
+    calls = _statement_calls()
+    with (
+        psycopg.connect(logins.urls["bridge"], autocommit=True) as conn,
+        pytest.raises(DatabaseError) as denied,
+    ):
+        calls["Fence.fenced_complete"](conn)  # the bridge never deletes
+    assert denied.value.sqlstate == "42501"
+    with (
+        psycopg.connect(logins.urls["scheduler"], autocommit=True) as conn,
+        pytest.raises(DatabaseError) as denied,
+    ):
+        calls["Queue.get_jobs_under_cap"](conn)
+    assert denied.value.sqlstate == "42501"
