@@ -1,5 +1,5 @@
 """The oracle: what happened to every job of a scenario, from the database and the
-function server's call log (reliability.md, section 3).
+function server's call log (defined in docs/chaos.md and docs/design.md, section 4).
 
 - completed: the row is gone and the function answered 2xx at least once;
 - lost: gone without any 2xx call (a premature delete), or still runnable, or

@@ -151,7 +151,7 @@ def test_a_legacy_error_and_a_header_less_503_fail_the_token_s_job(
 def test_a_relayed_4xx_fails_the_job_permanently_and_a_404_retries(
     server: CallbackServer, conn: Conn
 ) -> None:
-    # the same classification as a synchronous call's (reliability.md F13)
+    # the same classification as a synchronous call's (docs/design.md, F13)
     rejected, missing = lock(conn, max_attempts=5), lock(conn, max_attempts=5)
     for lease, status in [(rejected, "400"), (missing, "404")]:
         headers = {"X-Function-Status": status, "X-Call-Id": "c", "X-Function-Name": "async-task"}

@@ -1,5 +1,6 @@
-"""The scenarios of reliability.md, section 7: each runs once protected and, where a
-protection can be switched off, once more without it (the negative control)."""
+"""The chaos scenarios (docs/chaos.md; each row shows a failure mode of
+docs/design.md): each runs once protected and, where a protection can be switched
+off, once more without it (the negative control)."""
 
 from __future__ import annotations
 
