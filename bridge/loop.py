@@ -17,7 +17,6 @@ import logging
 import re
 import secrets
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -29,12 +28,12 @@ from redis.exceptions import RedisError
 from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
-from lqjobs.backoff import pause_after_failure
 from lqjobs.db import Connection
 from lqjobs.db.base import walk_job_index
 from lqjobs.db.queue import LockedBatch, Queue
 from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
+from lqjobs.listening import Listener, ServiceLoop
 from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
@@ -47,7 +46,6 @@ HOST_PART = re.compile(r"[A-Za-z0-9._-]{1,40}")
 # minus the workers' slots, so nobody waits on a recheck; a longer one tops up more
 # jobs per pass (20 ms: 0.73-0.80 ms of bridge CPU per end-to-end job, 50 ms: 0.46-0.51).
 SATURATED_RECHECK = 0.05
-WAIT_SLICE = 0.25  # longest uninterrupted wait, so stop() is honoured quickly
 
 
 def new_worker_id(hostname: str) -> str:
@@ -83,11 +81,22 @@ class Bridge:
         self._counters_lock = threading.Lock()  # lock connections count from their threads
         self._reserved = 0  # in-flight room reserved by transactions locking right now
         self._reserved_lock = threading.Lock()
-        self.failures = 0  # consecutive failed passes (database or broker); 0 when healthy
-        self._stopping = threading.Event()
+        self.loop = ServiceLoop(
+            log,
+            [
+                (DatabaseError, "database unavailable; retrying"),
+                (BROKER_ERRORS, "broker unavailable; retrying"),
+            ],
+            action="bridge_backoff",
+            worker_id=self.worker_id,
+        )
+        self.listener = Listener(
+            lambda: db.connect(self.settings.conninfo(), autocommit=True),
+            (db.INSERT_CHANNEL, db.WAKE_CHANNEL),
+            self.loop.stopping,
+        )
         self._saturated = False
         self._conn: Connection | None = None
-        self._listener: Connection | None = None
         # Bursts: the extra lock connections, each drained from a thread of its own.
         self._extra_conns: list[Connection | None] = [None] * (self.lock_connections - 1)
         self._lockers = (
@@ -123,7 +132,7 @@ class Bridge:
 
     def _lock_until_done(self, conn: Connection) -> int:
         handed, more = 0, True
-        while more and not self._stopping.is_set():
+        while more and not self.loop.stopping.is_set():
             locked, more = self._dispatch_batch(conn)
             handed += locked
         return handed
@@ -196,17 +205,7 @@ class Bridge:
 
     def run_forever(self) -> None:
         log.info("bridge started", extra={"action": "bridge_started", "worker_id": self.worker_id})
-        while not self._stopping.is_set():
-            try:
-                self._listen()
-                self.reconciler.check(self._work_connection())
-                self.run_once()
-                self.failures = 0
-                self._wait(self.reconciler.cap_wait(self._next_wake()))
-            except DatabaseError as exc:
-                self._on_failure("database unavailable", exc)
-            except BROKER_ERRORS as exc:
-                self._on_failure("broker unavailable", exc)
+        self.loop.run(self._pass, idle=self._idle, on_failure=self._on_failure)
         self._close()
         if self._lockers is not None:
             self._lockers.shutdown()
@@ -219,23 +218,27 @@ class Bridge:
     def stop(self) -> None:
         """Stop locking; the hand-off in progress finishes. Safe from any thread or
         a signal handler, any number of times."""
-        self._stopping.set()
+        self.loop.stop()
 
-    def _on_failure(self, what: str, exc: Exception) -> None:
-        # Jittered exponential back-off; no get_job (so no attempt burned) until it passes.
-        self.failures += 1
+    @property
+    def failures(self) -> int:
+        """Consecutive failed passes (database or broker); 0 when healthy."""
+        return self.loop.failures
+
+    def _pass(self) -> None:
+        self.listener.open()  # LISTEN first: a new listener's pass misses no insert
+        self.reconciler.check(self._work_connection())
+        self.run_once()
+
+    def _idle(self) -> None:
+        """Sleep until a notification, the next wake-up, or stop()."""
+        self.listener.wait(self.reconciler.cap_wait(self._next_wake()), ping_on_timeout=True)
+
+    def _on_failure(self, exc: Exception) -> None:
+        # Then the jittered back-off; no get_job (so no attempt burned) until it passes.
         self._count(failures=1)
         self._close()
         self.reconciler.check_soon()  # the broker may have restarted meanwhile
-        pause_after_failure(
-            self._stopping,
-            self.failures,
-            log,
-            f"{what}; retrying",
-            action="bridge_backoff",
-            worker_id=self.worker_id,
-            error=type(exc).__name__,
-        )
 
     def _next_wake(self) -> float:
         if self._saturated:
@@ -245,29 +248,6 @@ class Bridge:
         )
         poll = self.settings.poll_interval
         return poll if due is None else min(poll, due + 0.001)
-
-    def _wait(self, timeout: float) -> None:
-        """Sleep until a notification, the timeout, or stop()."""
-        listener = self._listen()
-        deadline = time.monotonic() + timeout
-        while not self._stopping.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                db.ping(listener)  # a silently dead listener shows up here
-                return
-            with db.translated_errors():
-                if any(
-                    True
-                    for _ in listener.notifies(timeout=min(remaining, WAIT_SLICE), stop_after=1)
-                ):
-                    self._drain(listener)
-                    return
-
-    @staticmethod
-    def _drain(listener: Connection) -> None:
-        with db.translated_errors():
-            for _ in listener.notifies(timeout=0):
-                pass
 
     # -- metrics ----------------------------------------------------------------
 
@@ -347,21 +327,12 @@ class Bridge:
             raise
         return conn
 
-    def _listen(self) -> Connection:
-        """The dedicated LISTEN connection; after a reconnect the caller polls at once."""
-        if self._listener is None or self._listener.closed:
-            listener = db.connect(self.settings.conninfo(), autocommit=True)
-            try:
-                db.listen(listener, db.INSERT_CHANNEL, db.WAKE_CHANNEL)
-            except DatabaseError:
-                listener.close()
-                raise
-            self._listener = listener
-        return self._listener
-
     def _close(self) -> None:
-        for conn in (self._conn, self._listener, *self._extra_conns):
+        if self._conn is not None:
+            self._conn.close()
+        self.listener.close()
+        for conn in self._extra_conns:
             if conn is not None:
                 conn.close()
-        self._conn = self._listener = None
+        self._conn = None
         self._extra_conns = [None] * len(self._extra_conns)

@@ -28,7 +28,6 @@ import heapq
 import itertools
 import logging
 import re
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -37,10 +36,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lqjobs import db
-from lqjobs.backoff import pause_after_failure
 from lqjobs.db import Connection
 from lqjobs.db.scheduled import Scheduled
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
+from lqjobs.listening import Listener, ServiceLoop
 from lqjobs.logs import clean_text
 from lqjobs.models import AlreadyScheduled, ScheduledJobRow
 from lqjobs.schedule import InvalidSchedule, Schedule, parse_schedule
@@ -51,7 +50,6 @@ SCHEDULER_ID = re.compile(r"[A-Za-z0-9._:-]{4,128}")
 # A scheduler's sessions carry this application_name, so `lqjobs schedules` can
 # tell a holder that is connected from one that is gone.
 APPLICATION_NAME_PREFIX = "lqjobs-scheduler:"
-WAIT_SLICE = 0.25  # longest uninterrupted wait, so stop() is honoured quickly
 REPORT_EVERY = 600.0  # seconds before an unchanged problem of one row is reported again
 
 
@@ -115,16 +113,26 @@ class Scheduler:
         # The bridge's E: the SQL's own default (1 h) differs from get_job's (4 h).
         self.job_expiry = timedelta(seconds=settings.job_expiry)
         self.counters: Counter[str] = Counter()
-        self.failures = 0  # consecutive failed cycles; 0 when healthy
+        self.loop = ServiceLoop(
+            log,
+            [(DatabaseError, "database call failed; retrying")],
+            action="scheduler_backoff",
+            worker_id=self.worker_id,
+        )
         self._timers: dict[int, _Timer] = {}
         self._heap: list[tuple[datetime, int, int]] = []  # (fire time, token, id)
         self._tokens = itertools.count(1)
         self._reports = _Reports(REPORT_EVERY)
-        self._stopping = threading.Event()
         self._released_own = False
         self._next_poll = 0.0  # time.monotonic(); 0: poll at once
         self._conn: Connection | None = None
-        self._listener: Connection | None = None
+        # A new listener (first start, reconnect) polls at once: it missed what came before.
+        self.listener = Listener(
+            self._connect,
+            (db.SCHEDULED_INSERT_CHANNEL,),
+            self.loop.stopping,
+            on_listen=self._poll_now,
+        )
 
     def next_fire_times(self) -> dict[int, datetime | None]:
         """Held scheduled job id -> its next fire time (None: it will not fire again)."""
@@ -149,7 +157,7 @@ class Scheduler:
         conn = self._work_connection()
         now = _utcnow()
         claimed, rejected = 0, []
-        while not self._stopping.is_set():
+        while not self.loop.stopping.is_set():
             row = self.scheduled.get_scheduled_job(conn, self.worker_id, self.task_filter)
             if row is None:
                 break
@@ -175,7 +183,7 @@ class Scheduler:
         the number of ticks."""
         now = now or _utcnow()
         ticks = 0
-        while self._heap and self._heap[0][0] <= now and not self._stopping.is_set():
+        while self._heap and self._heap[0][0] <= now and not self.loop.stopping.is_set():
             _, token, sid = heapq.heappop(self._heap)
             timer = self._timers.get(sid)
             if timer is None or timer.token != token:
@@ -290,27 +298,30 @@ class Scheduler:
         log.info(
             "scheduler started", extra={"action": "scheduler_started", "worker_id": self.worker_id}
         )
-        while not self._stopping.is_set():
-            try:
-                self._cycle()
-                self.failures = 0
-            except DatabaseError as exc:
-                self._on_failure(exc)
+        self.loop.run(self._cycle, on_failure=self._on_failure)
         self.close()
 
     def stop(self) -> None:
         """Stop after the tick in progress. Safe from any thread or a signal handler,
         any number of times."""
-        self._stopping.set()
+        self.loop.stop()
+
+    @property
+    def failures(self) -> int:
+        """Consecutive failed cycles; 0 when healthy."""
+        return self.loop.failures
 
     def _cycle(self) -> None:
-        self._listen()  # a new listener (first start, reconnect) sets a poll at once
+        self.listener.open()  # a new listener (first start, reconnect) sets a poll at once
         if time.monotonic() >= self._next_poll:
-            db.ping(self._listen())  # a silently dead listener shows up here
+            self.listener.ping()
             self.poll()
         self.run_due()
-        if self._wait(self._seconds_to_next_event()):
-            self._next_poll = 0.0
+        if self.listener.wait(self._seconds_to_next_event()):
+            self._poll_now()
+
+    def _poll_now(self) -> None:
+        self._next_poll = 0.0
 
     def _seconds_to_next_event(self) -> float:
         wait = self._next_poll - time.monotonic()
@@ -318,36 +329,11 @@ class Scheduler:
             wait = min(wait, (self._heap[0][0] - _utcnow()).total_seconds())
         return max(0.0, wait)
 
-    def _wait(self, timeout: float) -> bool:
-        """Sleep until a notification (True), the timeout or stop() (False)."""
-        listener = self._listen()
-        deadline = time.monotonic() + timeout
-        while not self._stopping.is_set():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            with db.translated_errors():
-                woken = list(listener.notifies(timeout=min(remaining, WAIT_SLICE), stop_after=1))
-                if woken:
-                    for _ in listener.notifies(timeout=0):  # drain: one pass serves them all
-                        pass
-                    return True
-        return False
-
-    def _on_failure(self, exc: DatabaseError) -> None:
-        # Timers stay armed: the rows stay locked by this id while the database is away.
-        self.failures += 1
+    def _on_failure(self, exc: Exception) -> None:
+        # Then the back-off. Timers stay armed: the rows stay locked by this id while
+        # the database is away.
         self.counters["failures"] += 1
         self._close()
-        pause_after_failure(
-            self._stopping,
-            self.failures,
-            log,
-            "database call failed; retrying",
-            action="scheduler_backoff",
-            worker_id=self.worker_id,
-            error=type(exc).__name__,
-        )
 
     def close(self) -> None:
         """Release every scheduled job this id holds and close the connections."""
@@ -385,22 +371,8 @@ class Scheduler:
             self._conn = self._connect()
         return self._conn
 
-    def _listen(self) -> Connection:
-        """The dedicated LISTEN connection. A new one is listening before the poll it
-        triggers, so no insert falls between the two."""
-        if self._listener is None or self._listener.closed:
-            listener = self._connect()
-            try:
-                db.listen(listener, db.SCHEDULED_INSERT_CHANNEL)
-            except DatabaseError:
-                listener.close()
-                raise
-            self._listener = listener
-            self._next_poll = 0.0
-        return self._listener
-
     def _close(self) -> None:
-        for conn in (self._conn, self._listener):
-            if conn is not None:
-                conn.close()
-        self._conn = self._listener = None
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+        self.listener.close()
