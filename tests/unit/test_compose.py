@@ -462,7 +462,8 @@ def test_the_image_is_python_311_slim_and_not_root() -> None:
 def test_the_image_copies_every_package_and_installs_it_without_extras() -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     copied = {source.rstrip("/") for source in copies()}
-    assert set(packages["packages"]) <= copied
+    # a subpackage (lqjobs.executors) comes with its top-level directory
+    assert {name.split(".")[0] for name in packages["packages"]} <= copied
     assert {"pyproject.toml", "README.md", "sql"} <= copied
     ignored = {
         line.strip().rstrip("/")
