@@ -11,13 +11,26 @@ import re
 
 # LogRecord attributes that are not extras.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# The one set of characters lqjobs never lets into a log line, a header or a message
+# (CWE-117): C0 controls, DEL, C1 controls (NEL among them) and the Unicode line and
+# paragraph separators, all of which some reader takes for a line break.
+_CONTROLS = r"[\x00-\x1f\x7f-\x9f\u2028\u2029]"
+_CONTROL = re.compile(_CONTROLS)
+_CONTROL_RUN = re.compile(_CONTROLS + "+")
 
 
 def clean_text(text: str, limit: int = 4096) -> str:
-    """Strip control characters (no log or header injection) and truncate."""
-    cleaned = _CONTROL.sub(" ", text)
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
+    """Each control character as a space (no log or header injection), truncated."""
+    return _truncate(_CONTROL.sub(" ", text), limit)
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """A short excerpt: each run of control characters one space, stripped, truncated."""
+    return _truncate(_CONTROL_RUN.sub(" ", text).strip(), limit)
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class KeyValueFormatter(logging.Formatter):

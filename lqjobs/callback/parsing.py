@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 
 from lqjobs.callback import tokens
 from lqjobs.errors import LqJobsError
-from lqjobs.executors import is_permanent_status
+from lqjobs.executors.base import is_permanent_status
 from lqjobs.lease import Lease
 from lqjobs.logs import clean_text
 
@@ -40,8 +40,6 @@ MAX_ERROR_CHARS = 4096
 
 _NUMBER = re.compile(r"[0-9]{1,19}")
 _HTTP_STATUS = re.compile(r"[1-5][0-9][0-9]")
-# C1 controls and Unicode line separators, which lqjobs.logs.clean_text leaves in.
-_MORE_CONTROLS = re.compile("[\x80-\x9f\u2028\u2029]")
 
 
 class Rejected(LqJobsError):
@@ -72,7 +70,7 @@ class CallbackRequest:
 
 def error_text(text: str) -> str:
     """A message fit for ``last_error`` and logs: one line, no control characters, 4 KiB."""
-    return clean_text(_MORE_CONTROLS.sub(" ", text), MAX_ERROR_CHARS).strip()
+    return clean_text(text, MAX_ERROR_CHARS).strip()
 
 
 def token_of(query: str) -> str:

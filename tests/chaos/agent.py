@@ -207,7 +207,8 @@ def no_callback_deadline() -> None:
 
 def task_name_in_url() -> None:
     """Upstream's Knative URL: ``http://{task}.{KNATIVE_SERVICE_URL}``, unvalidated."""
-    from lqjobs.executors import KnativeExecutor, _body, _Request, build_headers
+    from lqjobs.executors import KnativeExecutor, build_headers
+    from lqjobs.executors.http import _body, _Request
 
     suffix = os.environ.get("KNATIVE_SERVICE_URL", "")
 
