@@ -25,6 +25,7 @@ from datetime import timedelta
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
+from bridge import metrics as bridge_metrics
 from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
@@ -254,56 +255,12 @@ class Bridge:
     def metrics(self) -> list[Sample]:
         """Counters of this incarnation and queue gauges read from Postgres (on a
         connection of its own: scrapes come from another thread)."""
-        labels = (("worker_id", self.worker_id),)
         with self._counters_lock:
             counts = dict(self.counters)
-        samples = [
-            Sample(name, "counter", help, float(counts.get(key, 0)), labels)
-            for name, key, help in (
-                ("jobs_locked_total", "locked", "Jobs locked with get_job."),
-                ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
-                ("jobs_oversized_total", "oversized", "Jobs failed for a too large payload."),
-                ("bridge_failures_total", "failures", "Passes failed on the database or broker."),
-                (
-                    "jobs_republished_total",
-                    "republished",
-                    "Leases re-published after a broker restart.",
-                ),
-                (
-                    "broker_restarts_total",
-                    "broker_restarts",
-                    "Broker restarts seen (run_id changes).",
-                ),
-            )
-        ]
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:
             in_flight = self.reads.count_locked_by(conn, self.worker_id)
             gauges = self.reads.queue_gauges(conn, self.task_filter)
-        return [
-            *samples,
-            Sample(
-                "jobs_in_flight", "gauge", "Locked by this bridge, not settled.", in_flight, labels
-            ),
-            Sample("jobs_ready", "gauge", "Ready jobs of served tasks.", gauges.ready),
-            Sample(
-                "oldest_ready_job_age_seconds",
-                "gauge",
-                "Age of the oldest ready job of a served task.",
-                gauges.oldest_ready_age_seconds,
-            ),
-            Sample(
-                "jobs_unroutable",
-                "gauge",
-                "Ready jobs of tasks no bridge here serves.",
-                gauges.unroutable,
-            ),
-            Sample(
-                "jobs_failed_permanently",
-                "gauge",
-                "Jobs parked after max_attempts.",
-                gauges.failed_permanently,
-            ),
-        ]
+        return bridge_metrics.samples(self.worker_id, counts, in_flight, gauges)
 
     # -- connections ------------------------------------------------------------
 
