@@ -319,7 +319,7 @@ def scheduler_command(ctx: Context) -> None:
     default scheduler-<HOSTNAME>; JOBS_SUPPORTED or JOBS_SUPPORT_ANY; LQJOBS_POLL_INTERVAL;
     LQJOBS_JOB_EXPIRY)."""
     from lqjobs.logs import configure_logging
-    from lqjobs.scheduler import Scheduler
+    from lqjobs.scheduler.service import Scheduler
 
     settings = ctx.settings
     configure_logging(settings.log_level)
@@ -345,8 +345,8 @@ def schedules_command(ctx: Context, as_json: bool, grace: float) -> None:
     never fire again (invalid, finished, blocked, holder-gone)."""
     from datetime import UTC
 
-    from lqjobs import schedule_report
-    from lqjobs.scheduler import APPLICATION_NAME_PREFIX
+    from lqjobs.scheduler import report as schedule_report
+    from lqjobs.scheduler.service import APPLICATION_NAME_PREFIX
 
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
         statuses = ctx.jobs_db().reads.scheduled_job_overview(conn, APPLICATION_NAME_PREFIX)

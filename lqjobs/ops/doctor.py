@@ -138,8 +138,8 @@ def check_database(settings: Settings) -> list[Finding]:
 
 def check_schedules(settings: Settings) -> list[Finding]:
     """Scheduled jobs that may never fire again (see ``lqjobs schedules``)."""
-    from lqjobs import schedule_report
-    from lqjobs.scheduler import APPLICATION_NAME_PREFIX
+    from lqjobs.scheduler import report as schedule_report
+    from lqjobs.scheduler.service import APPLICATION_NAME_PREFIX
 
     try:
         with db.connect(settings.conninfo(), autocommit=True) as conn:

@@ -34,7 +34,7 @@ from lqjobs.ops import roles
 from lqjobs.ops.cli import main
 from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
-from lqjobs.scheduler import Scheduler
+from lqjobs.scheduler.service import Scheduler
 from tests import stack
 from tests.least_privilege import Logins, drop_roles, granted_logins, unique_prefix
 

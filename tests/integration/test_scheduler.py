@@ -20,7 +20,7 @@ from psycopg import sql
 
 from lqjobs.db import JobsDB
 from lqjobs.ops.embedded import wait_until
-from lqjobs.scheduler import Scheduler
+from lqjobs.scheduler.service import Scheduler
 from lqjobs.settings import Settings
 from tests.job_sink import install_sink, sunk, whole_seconds
 from tests.stack import in_thread
@@ -208,7 +208,7 @@ def test_a_deleted_scheduled_job_stops_its_timer(
 def test_changed_schedule_info_re_arms_and_a_key_upsert_replaces(
     driven: Scheduler, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lqjobs.scheduler")
+    caplog.set_level(logging.INFO, logger="lqjobs.scheduler.service")
     edited = add(conn, "report", EVERY_SECOND)
     keyed = add(conn, "report", EVERY_SECOND, job_key="nightly")
     driven.poll()
@@ -245,7 +245,7 @@ def test_a_takeover_never_repeats_the_tick_its_predecessor_ran(
 def test_invalid_schedule_info_is_released_and_reported_once(
     driven: Scheduler, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="lqjobs.scheduler")
+    caplog.set_level(logging.DEBUG, logger="lqjobs.scheduler.service")
     bad_cron = add(conn, "report", {"rule": "61 * * * *"})
     bad_shape = add(conn, "report", [1, 2])
     good = add(conn, "report", EVERY_SECOND)
@@ -266,7 +266,7 @@ def test_invalid_schedule_info_is_released_and_reported_once(
 def test_already_scheduled_while_the_previous_job_is_pending(
     driven: Scheduler, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="lqjobs.scheduler")
+    caplog.set_level(logging.INFO, logger="lqjobs.scheduler.service")
     add(conn, "report", EVERY_SECOND)
     driven.poll()
     assert driven.run_due(later(2)) == 1
@@ -284,7 +284,7 @@ def test_already_scheduled_while_the_previous_job_is_pending(
 def test_a_taken_key_is_reported_for_that_scheduled_job_only(
     driven: Scheduler, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="lqjobs.scheduler")
+    caplog.set_level(logging.DEBUG, logger="lqjobs.scheduler.service")
     keyed = add(conn, "keyed", EVERY_SECOND, job_key="only-one")
     plain = add(conn, "plain", EVERY_SECOND)
     driven.poll()

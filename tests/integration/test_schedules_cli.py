@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from lqjobs.db import JobsDB
 from lqjobs.models import JobRow
 from lqjobs.ops.cli import main
-from lqjobs.scheduler import application_name
+from lqjobs.scheduler.service import application_name
 
 pytestmark = pytest.mark.integration
 TENANT = UUID("11111111-2222-3333-4444-555555555555")

@@ -19,7 +19,7 @@ SOURCES = {
     "bridge": ["bridge/*.py"],
     "worker": ["lqjobs/worker.py", "lqjobs/celery.py"],
     "callback": ["lqjobs/callback/*.py"],
-    "scheduler": ["lqjobs/scheduler.py", "lqjobs/scheduler/*.py"],
+    "scheduler": ["lqjobs/scheduler/*.py"],
 }
 
 

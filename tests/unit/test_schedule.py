@@ -1,10 +1,10 @@
-"""Fire times of lqjobs.schedule against node-schedule's semantics.
+"""Fire times of lqjobs.scheduler.rules against node-schedule's semantics.
 
 The expected series in these tables were also produced by node-schedule 2.1.1
 (cron-parser 4.9.0, TZ=UTC) driven with a faked clock, ``job.nextInvocation()`` and
 ``job.cancelNext(true)``, except RANGE_CASES (node never schedules those) and the
 stop after the last year of "year-then-stop" (node loops forever there). The
-differences kept on purpose are listed in lqjobs/schedule.py. Sources cited as:
+differences kept on purpose are listed in lqjobs/scheduler/rules.py. Sources cited as:
   README       https://github.com/node-schedule/node-schedule/blob/master/README.md
   Invocation   node-schedule lib/Invocation.js (Range, RecurrenceRule, nextInvocationDate)
   Job          node-schedule lib/Job.js (Job.prototype.schedule)
@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from lqjobs.errors import ConfigurationError
-from lqjobs.schedule import InvalidSchedule, Schedule, parse_schedule
+from lqjobs.scheduler.rules import InvalidSchedule, Schedule, parse_schedule
 
 Info = dict[str, Any] | str
 

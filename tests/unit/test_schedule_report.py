@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lqjobs.models import ScheduledJobStatus
-from lqjobs.schedule_report import report
+from lqjobs.scheduler.report import report
 
 NOW = datetime(2030, 5, 1, 12, 0, 0, 500_000, tzinfo=UTC)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lqjobs.errors import ConfigurationError
-from lqjobs.scheduler import application_name, scheduler_id
+from lqjobs.scheduler.service import application_name, scheduler_id
 from lqjobs.settings import Settings
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from lqjobs.models import ScheduledJobStatus
-from lqjobs.schedule import InvalidSchedule, parse_schedule
+from lqjobs.scheduler.rules import InvalidSchedule, parse_schedule
 
 INVALID = "invalid"
 FINISHED = "finished"

@@ -24,14 +24,11 @@ is not retried.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,7 +39,8 @@ from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from lqjobs.listening import Listener, ServiceLoop
 from lqjobs.logs import clean_text
 from lqjobs.models import AlreadyScheduled, ScheduledJobRow
-from lqjobs.schedule import InvalidSchedule, Schedule, parse_schedule
+from lqjobs.scheduler.rules import InvalidSchedule
+from lqjobs.scheduler.timers import Timer, Timers
 from lqjobs.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,20 +72,12 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass
-class _Timer:
-    scheduled_job_id: int
-    task: str
-    schedule_info: str
-    schedule: Schedule
-    next_at: datetime | None = None
-    token: int = 0  # heap entries carrying another token are stale
+class _RowLog:
+    """Log lines about one scheduled job; an unchanged problem of one row is reported
+    once per ``every`` seconds, not on every pass (:meth:`due`)."""
 
-
-class _Reports:
-    """Report one row's unchanged problem once per ``every`` seconds, not on every pass."""
-
-    def __init__(self, every: float) -> None:
+    def __init__(self, worker_id: str, every: float) -> None:
+        self.worker_id = worker_id
         self.every = every
         self._last: dict[tuple[str, int], tuple[str, float]] = {}
 
@@ -98,6 +88,15 @@ class _Reports:
             return False
         self._last[(kind, scheduled_job_id)] = (problem, now)
         return True
+
+    def log(self, level: int, message: str, sid: int, task: str, action: str, **more: Any) -> None:
+        extra = {
+            "action": action,
+            "scheduled_job_id": sid,
+            "task": task,
+            "worker_id": self.worker_id,
+        }
+        log.log(level, clean_text(message, 500), extra=extra | more)
 
 
 class Scheduler:
@@ -119,10 +118,8 @@ class Scheduler:
             action="scheduler_backoff",
             worker_id=self.worker_id,
         )
-        self._timers: dict[int, _Timer] = {}
-        self._heap: list[tuple[datetime, int, int]] = []  # (fire time, token, id)
-        self._tokens = itertools.count(1)
-        self._reports = _Reports(REPORT_EVERY)
+        self._timers = Timers()
+        self._rows = _RowLog(self.worker_id, REPORT_EVERY)
         self._released_own = False
         self._next_poll = 0.0  # time.monotonic(); 0: poll at once
         self._conn: Connection | None = None
@@ -136,7 +133,7 @@ class Scheduler:
 
     def next_fire_times(self) -> dict[int, datetime | None]:
         """Held scheduled job id -> its next fire time (None: it will not fire again)."""
-        return {sid: timer.next_at for sid, timer in self._timers.items()}
+        return self._timers.next_fire_times()
 
     # -- one pass -------------------------------------------------------------------
 
@@ -173,7 +170,7 @@ class Scheduler:
         conn = self._work_connection()
         held = self.scheduled.scheduled_jobs_locked_by(conn, self.worker_id)
         rows = {row.id: row for row in held}
-        for vanished in [sid for sid in self._timers if sid not in rows]:
+        for vanished in [sid for sid in self._timers.ids() if sid not in rows]:
             self._drop(vanished, "no longer held: deleted, replaced or released")
         now = _utcnow()
         self._release(conn, [row.id for row in rows.values() if not self._adopt(row, now)])
@@ -183,13 +180,9 @@ class Scheduler:
         the number of ticks."""
         now = now or _utcnow()
         ticks = 0
-        while self._heap and self._heap[0][0] <= now and not self.loop.stopping.is_set():
-            _, token, sid = heapq.heappop(self._heap)
-            timer = self._timers.get(sid)
-            if timer is None or timer.token != token:
-                continue
+        while not self.loop.stopping.is_set() and (timer := self._timers.pop_due(now)):
             # Re-armed before the tick: a tick lost to a database outage is not retried.
-            self._arm(timer, timer.schedule.next_after(now))
+            self._timers.arm(timer, timer.schedule.next_after(now))
             self._tick(timer)
             ticks += 1
         return ticks
@@ -210,45 +203,37 @@ class Scheduler:
         if current is not None and current.schedule_info == row.schedule_info:
             return True
         try:
-            schedule = parse_schedule(row.schedule_info)
-            after = max(now, row.last_scheduled or now)
-            first = schedule.next_after(after)
+            timer, first = Timer.of(row, now)
         except InvalidSchedule as exc:
             return self._reject(row, str(exc))
         except Exception as exc:  # never let one row stop the others' timers
             return self._reject(row, f"cannot be scheduled ({type(exc).__name__})")
-        timer = _Timer(row.id, row.task_identifier, row.schedule_info, schedule)
-        self._timers[row.id] = timer
-        self._arm(timer, first)
+        self._timers.add(timer, first)
         self._log_armed(timer, "schedule_rearmed" if current else "schedule_armed")
         return True
 
-    def _arm(self, timer: _Timer, at: datetime | None) -> None:
-        timer.next_at = at
-        timer.token = next(self._tokens)
-        if at is not None:
-            heapq.heappush(self._heap, (at, timer.token, timer.scheduled_job_id))
-
     def _drop(self, scheduled_job_id: int, reason: str | None) -> None:
-        timer = self._timers.pop(scheduled_job_id, None)
+        timer = self._timers.pop(scheduled_job_id)
         if timer is not None and reason is not None:
             self.counters["dropped"] += 1
             message = f"scheduled job {scheduled_job_id}: timer stopped ({reason})"
-            self._log(logging.INFO, message, timer.scheduled_job_id, timer.task, "schedule_dropped")
+            self._rows.log(
+                logging.INFO, message, timer.scheduled_job_id, timer.task, "schedule_dropped"
+            )
 
     def _reject(self, row: ScheduledJobRow, problem: str) -> bool:
         self._drop(row.id, None)
         self.counters["invalid"] += 1
-        level = logging.WARNING if self._reports.due("invalid", row.id, problem) else logging.DEBUG
+        level = logging.WARNING if self._rows.due("invalid", row.id, problem) else logging.DEBUG
         message = f"scheduled job {row.id} has an invalid schedule_info, released: {problem}"
-        self._log(level, message, row.id, row.task_identifier, "invalid_schedule")
+        self._rows.log(level, message, row.id, row.task_identifier, "invalid_schedule")
         return False
 
     def _release(self, conn: Connection, ids: Sequence[int]) -> None:
         if ids:
             self.scheduled.release_scheduled_jobs(conn, self.worker_id, ids)
 
-    def _log_armed(self, timer: _Timer, action: str) -> None:
+    def _log_armed(self, timer: Timer, action: str) -> None:
         sid, at = timer.scheduled_job_id, timer.next_at
         if at is None:
             message = f"scheduled job {sid} will not fire again: held, no timer"
@@ -256,11 +241,11 @@ class Scheduler:
         else:
             message = f"scheduled job {sid} armed: {timer.schedule.describe()}"
         next_fire = at.isoformat() if at else None
-        self._log(logging.INFO, message, sid, timer.task, action, next_fire=next_fire)
+        self._rows.log(logging.INFO, message, sid, timer.task, action, next_fire=next_fire)
 
     # -- ticks ------------------------------------------------------------------------
 
-    def _tick(self, timer: _Timer) -> None:
+    def _tick(self, timer: Timer) -> None:
         sid, task = timer.scheduled_job_id, timer.task
         try:
             result = self.scheduled.run_scheduled_job(self._work_connection(), sid, self.job_expiry)
@@ -268,29 +253,20 @@ class Scheduler:
             raise
         except DatabaseError as exc:  # e.g. its key is taken by a job whose lock expired
             self.counters["run_failed"] += 1
-            level = logging.ERROR if self._reports.due("run", sid, str(exc)) else logging.DEBUG
+            level = logging.ERROR if self._rows.due("run", sid, str(exc)) else logging.DEBUG
             message = f"scheduled job {sid} could not queue its job: {exc}"
-            self._log(level, message, sid, task, "scheduled_run_failed", sqlstate=exc.sqlstate)
+            self._rows.log(level, message, sid, task, "scheduled_run_failed", sqlstate=exc.sqlstate)
             return
         if isinstance(result, AlreadyScheduled):
             self.counters["already_scheduled"] += 1
             message = f"scheduled job {sid}: previous job still pending, tick skipped"
-            self._log(logging.INFO, message, sid, task, "already_scheduled")
+            self._rows.log(logging.INFO, message, sid, task, "already_scheduled")
         elif result is None:
             self._drop(sid, "the scheduled job is gone")
         else:
             self.counters["jobs"] += 1
             message = f"scheduled job {sid}: job {result.id} queued"
-            self._log(logging.INFO, message, sid, task, "scheduled_job_run", job_id=result.id)
-
-    def _log(self, level: int, message: str, sid: int, task: str, action: str, **more: Any) -> None:
-        extra = {
-            "action": action,
-            "scheduled_job_id": sid,
-            "task": task,
-            "worker_id": self.worker_id,
-        }
-        log.log(level, clean_text(message, 500), extra=extra | more)
+            self._rows.log(logging.INFO, message, sid, task, "scheduled_job_run", job_id=result.id)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -325,8 +301,9 @@ class Scheduler:
 
     def _seconds_to_next_event(self) -> float:
         wait = self._next_poll - time.monotonic()
-        if self._heap:
-            wait = min(wait, (self._heap[0][0] - _utcnow()).total_seconds())
+        earliest = self._timers.earliest()
+        if earliest is not None:
+            wait = min(wait, (earliest - _utcnow()).total_seconds())
         return max(0.0, wait)
 
     def _on_failure(self, exc: Exception) -> None:
@@ -340,18 +317,12 @@ class Scheduler:
         try:
             self.release_all()
         except DatabaseError as exc:
-            log.warning(
-                "could not release the scheduled jobs; the next start with this id will",
-                extra={
-                    "action": "scheduler_release_failed",
-                    "worker_id": self.worker_id,
-                    "error": type(exc).__name__,
-                },
-            )
+            failed = {"action": "scheduler_release_failed", "error": type(exc).__name__}
+            message = "could not release the scheduled jobs; the next start with this id will"
+            log.warning(message, extra=failed | {"worker_id": self.worker_id})
         finally:
             self._close()
             self._timers.clear()
-            self._heap.clear()
         log.info(
             "scheduler stopped",
             extra={"action": "scheduler_stopped", "worker_id": self.worker_id, **self.counters},
