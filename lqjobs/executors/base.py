@@ -130,7 +130,7 @@ def _label(task: object) -> str:
 # -- logs (job id, task, status, duration; never payloads) -------------------------
 
 
-def _log_outcome(
+def log_outcome(
     executor: str, invocation: Invocation, outcome: Outcome, status: int | None, seconds: float
 ) -> None:
     failed = isinstance(outcome, Failed)
@@ -155,7 +155,7 @@ def _log_outcome(
     )
 
 
-def _log_refused(executor: str, invocation: Invocation, reason: str) -> None:
+def log_refused(executor: str, invocation: Invocation, reason: str) -> None:
     logger.warning(
         "invocation refused",
         extra={

@@ -25,9 +25,9 @@ from lqjobs.executors.base import (
     InvalidInvocation,
     Invocation,
     Outcome,
-    _log_outcome,
-    _log_refused,
     classify_status,
+    log_outcome,
+    log_refused,
 )
 from lqjobs.logs import one_line
 from lqjobs.settings import Settings
@@ -191,7 +191,7 @@ class _HttpExecutor:
         try:
             request = self._request(invocation)
         except InvalidInvocation as exc:
-            _log_refused(self.name, invocation, str(exc))
+            log_refused(self.name, invocation, str(exc))
             return Failed(str(exc), permanent=True)
         task = one_line(invocation.task_identifier, 80)
         reply = _post(self._client, request, task)
@@ -204,7 +204,7 @@ class _HttpExecutor:
                 # callback URL later. Completing now would settle the job too early.
                 outcome = Deferred()
         status = None if isinstance(reply, Failed) else reply.status
-        _log_outcome(self.name, invocation, outcome, status, time.monotonic() - started)
+        log_outcome(self.name, invocation, outcome, status, time.monotonic() - started)
         return outcome
 
     def _request(self, invocation: Invocation) -> _Request:

@@ -20,7 +20,7 @@ from lqjobs.executors.base import (
     Outcome,
     PermanentJobError,
     _label,
-    _log_outcome,
+    log_outcome,
 )
 from lqjobs.logs import one_line
 
@@ -83,7 +83,7 @@ class NativeExecutor:
     def invoke(self, invocation: Invocation) -> Outcome:
         started = time.monotonic()
         outcome = self._run(invocation)
-        _log_outcome(self.name, invocation, outcome, None, time.monotonic() - started)
+        log_outcome(self.name, invocation, outcome, None, time.monotonic() - started)
         return outcome
 
     def _run(self, invocation: Invocation) -> Outcome:

