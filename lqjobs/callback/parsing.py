@@ -15,9 +15,11 @@ A callback comes in one of three shapes:
   ``X-Retry-Max`` is an intermediate attempt and is ignored (the job keeps its lock
   and its deadline).
 
-The outcome is taken from, in this order: the body's ``status``, ``X-Job-Error``,
-``X-Function-Status``, and finally the bare legacy POST (success). Every refusal is
-a :class:`Rejected` carrying the HTTP status to answer with.
+A relayed reply (``X-Function-Status``) is judged as the same reply to a
+synchronous call is: by its status and ``X-Job-Error``; what its body says does not
+count. Any other callback's outcome is taken from, in this order: the body's
+``status``, ``X-Job-Error``, and finally the bare legacy POST (success). Every
+refusal is a :class:`Rejected` carrying the HTTP status to answer with.
 """
 
 from __future__ import annotations
@@ -107,25 +109,30 @@ def check_job_headers(headers: Mapping[str, str], lease: Lease) -> None:
 
 
 def parse_report(headers: Mapping[str, str], body: bytes, *, retry_on_404: bool = True) -> Report:
-    """The outcome a callback reports: body ``status``, then ``X-Job-Error``, then
-    ``X-Function-Status``, then the bare legacy POST. A relayed status is classified
-    as a synchronous call's would be: 400, 401, 403, ... fail the job permanently."""
-    relayed = "x-function-status" in headers  # the body is the function's own reply
-    fields = _json_object(body, strict=not relayed)
+    """The outcome a callback reports. A reply relayed by the OpenFaaS queue-worker
+    (``X-Function-Status``) is judged as the same reply to a synchronous call is: by
+    its status (and ``X-Job-Error``), never by what its body says. Otherwise: the
+    body's ``status``, then ``X-Job-Error``, then the bare legacy POST (success)."""
+    if "x-function-status" in headers:
+        return _relayed_report(headers, body, retry_on_404)
+    fields = _json_object(body, strict=True)
     status = fields.get("status")
     if status == "success":
         return Report(True)
     if status == "error":
         return Report(False, _message(fields, body, ("error", "message"), "function failed"))
-    if status is not None and not relayed:
+    if status is not None:
         raise Rejected(400, "bad_request")
-    if headers.get("x-job-error", "").strip().lower() == "true":
+    if _job_error(headers):
         return Report(False, _message(fields, body, ("message", "error"), "function failed"))
-    if relayed:
-        return _relayed_report(headers, fields, body, retry_on_404)
     if "x-job-id" in headers:
         return Report(True)
     raise Rejected(400, "bad_request")
+
+
+def _job_error(headers: Mapping[str, str]) -> bool:
+    """The Node wrapper's failure: a 2xx with ``X-Job-Error: true``."""
+    return headers.get("x-job-error", "").strip().lower() == "true"
 
 
 def _json_object(body: bytes, *, strict: bool) -> dict[str, Any]:
@@ -154,14 +161,15 @@ def _message(fields: Mapping[str, Any], body: bytes, keys: tuple[str, ...], defa
     return default
 
 
-def _relayed_report(
-    headers: Mapping[str, str], fields: Mapping[str, Any], body: bytes, retry_on_404: bool
-) -> Report:
+def _relayed_report(headers: Mapping[str, str], body: bytes, retry_on_404: bool) -> Report:
     raw = headers["x-function-status"].strip()
     if not _HTTP_STATUS.fullmatch(raw):
         raise Rejected(400, "bad_request")
     code = int(raw)
+    fields = _json_object(body, strict=False)  # the function's own reply: anything goes
     if 200 <= code < 300:
+        if _job_error(headers):
+            return Report(False, _message(fields, body, ("message", "error"), "function failed"))
         return Report(True)
     detail = _message(fields, body, ("message", "error"), "")
     message = f"function failed with status {code}" + (f": {detail}" if detail else "")

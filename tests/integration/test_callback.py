@@ -164,6 +164,30 @@ def test_a_relayed_4xx_fails_the_job_permanently_and_a_404_retries(
     assert retried["last_error"] == "function failed with status 404: no"
 
 
+def test_a_relayed_reply_is_judged_by_its_status_not_by_its_body(
+    server: CallbackServer, conn: Conn
+) -> None:
+    """The queue-worker relays the function's reply: a 500 whose body claims success
+    fails the job, and a 200 whose body says error completes it, as the same replies
+    to a synchronous call would."""
+    claims_success, claims_error = lock(conn, max_attempts=5), lock(conn, max_attempts=5)
+    relay = {"X-Call-Id": "c", "X-Function-Name": "async-task"}
+    failing = {**relay, "X-Function-Status": "500"}
+    assert post(server, token(claims_success), {"status": "success"}, failing) == (
+        200,
+        {"result": "failed"},
+    )
+    succeeding = {**relay, "X-Function-Status": "200"}
+    assert post(server, token(claims_error), {"status": "error"}, succeeding) == (
+        200,
+        {"result": "completed"},
+    )
+    failed = job(conn, claims_success.job_id)
+    assert failed is not None and failed["locked_by"] is None
+    assert failed["last_error"] == "function failed with status 500"
+    assert job(conn, claims_error.job_id) is None
+
+
 # -- duplicates and late callbacks --------------------------------------------------------
 
 

@@ -105,22 +105,33 @@ def test_an_intermediate_retry_is_not_final_but_the_last_one_is() -> None:
     assert parse_report({**relayed, "x-function-status": "200", "x-retry": "3"}, b"").success
 
 
-# -- precedence: body status, then X-Job-Error, then X-Function-Status -------------------
+# -- precedence: a relayed reply by its status, any other by its body ------------------------
 
 
 @pytest.mark.parametrize(
     ("headers", "payload", "success"),
     [
-        ({"x-job-error": "true", "x-function-status": "500"}, {"status": "success"}, True),
-        ({"x-function-status": "200"}, {"status": "error", "error": "e"}, False),
+        # relayed: the status (and X-Job-Error) decide, as for a synchronous call
+        ({"x-job-error": "true", "x-function-status": "500"}, {"status": "success"}, False),
+        ({"x-function-status": "500"}, {"status": "success"}, False),
+        ({"x-function-status": "200"}, {"status": "error", "error": "e"}, True),
         ({"x-job-error": "true", "x-function-status": "200"}, {"message": "m"}, False),
         ({"x-job-error": "TRUE", "x-function-status": "200"}, {}, False),
         ({"x-job-error": "false", "x-function-status": "503"}, {}, False),
         ({"x-function-status": "204", "x-job-id": "42"}, {"status": "ok"}, True),
+        # posted by the function itself: the body's status, then X-Job-Error
+        ({"x-job-id": "42"}, {"status": "error", "error": "e"}, False),
+        ({"x-job-id": "42", "x-job-error": "true"}, {"status": "success"}, True),
+        ({"x-job-id": "42", "x-job-error": "true"}, {}, False),
     ],
 )
 def test_status_precedence(headers: dict[str, str], payload: object, success: bool) -> None:
     assert parse_report(headers, body(payload)).success is success
+
+
+def test_a_relayed_failure_keeps_the_status_message_whatever_the_body_claims() -> None:
+    report = parse_report({"x-function-status": "500"}, body({"status": "success"}))
+    assert report == Report(False, "function failed with status 500")
 
 
 # -- malformed callbacks -------------------------------------------------------------------
