@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import socket
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -218,21 +218,42 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+# Query parameters and conninfo keys that carry a secret (redis-py and kombu take
+# ?password=, libpq sslpassword, tokens and keys in service URLs).
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|auth|credential", re.IGNORECASE)
+
+
 def redact_url(url: str) -> str:
-    """Hide the password in a URL or libpq conninfo, for logs and banners."""
+    """Hide every secret in a URL or libpq conninfo, for logs and banners: the
+    password of the user part and any secret-bearing query parameter or key."""
     if "://" in url:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return _redact_uri(url)
     try:
         params = conninfo_to_dict(url)
     except Exception:
         return "<unparsable conninfo>"
-    if "password" in params:
-        params["password"] = "***"
-    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None})
+    shown = {
+        key: "***" if _SECRET_KEY.search(key) else str(value)
+        for key, value in params.items()
+        if value is not None
+    }
+    return make_conninfo(**shown)
+
+
+def _redact_uri(url: str) -> str:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if port is not None:
+            host = f"{host}:{port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+    query = [
+        (key, "***" if _SECRET_KEY.search(key) else value)
+        for key, value in parse_qsl(parts.query, keep_blank_values=True)
+    ]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe="*"), ""))

@@ -145,3 +145,18 @@ def test_doctor_reports_at_a_glance(db_url: str, redis_url: str) -> None:
     assert broken.exit_code == 1
     assert "FAIL  timeout ladder" in broken.output
     assert "neither JOBS_SUPPORTED nor JOBS_SUPPORT_ANY" in broken.output
+
+
+def test_doctor_prints_no_secret_given_as_a_query_parameter(db_url: str, redis_url: str) -> None:
+    """redis-py takes ``?password=``, libpq ``?password=`` / ``sslpassword``: doctor
+    shows both URLs with every secret-bearing part masked."""
+    parts = psycopg.conninfo.conninfo_to_dict(db_url)
+    database = (
+        f"postgresql://{parts['user']}@{parts['host']}:{parts['port']}/{parts['dbname']}"
+        "?password=pw-CANARY-1"
+    )
+    env = {"LQJOBS_BROKER_URL": f"{redis_url}?password=pw-CANARY-2", "JOBS_SUPPORTED": "mail"}
+    report = run("--database-url", database, "doctor", env=env)
+    assert report.exit_code == 0, report.output  # trust auth: the password is not checked
+    assert "CANARY" not in report.output
+    assert report.output.count("password=***") == 2

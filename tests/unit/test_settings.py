@@ -108,9 +108,24 @@ def test_timeout_ladder_violations_are_named(overrides: dict[str, float], named:
     ("url", "shown"),
     [
         ("redis://:s3cret@redis:6379/0", "redis://:***@redis:6379/0"),
-        ("postgresql://app:s3cret@db:5432/app?sslmode=require", "postgresql://app:***@db:5432/app"),
+        (
+            "postgresql://app:s3cret@db:5432/app?sslmode=require",
+            "postgresql://app:***@db:5432/app?sslmode=require",
+        ),
         ("redis://redis:6379/0", "redis://redis:6379/0"),
+        ("redis://redis:6379/0?password=s3cret", "redis://redis:6379/0?password=***"),
+        (
+            "rediss://h/0?ssl_cert_reqs=none&password=s3cret",
+            "rediss://h/0?ssl_cert_reqs=none&password=***",
+        ),
+        ("amqp://guest@mq//?auth_token=s3cret", "amqp://guest@mq//?auth_token=***"),
+        (
+            "postgresql://db/app?user=app&password=s3cret&sslpassword=s3cret",
+            "postgresql://db/app?user=app&password=***&sslpassword=***",
+        ),
+        ("postgresql://app:s3cret@db:bad/app", "<unparsable URL>"),
         ("host=db password=s3cret dbname=app", "dbname=app host=db password=***"),
+        ("host=db sslpassword=s3cret", "host=db sslpassword=***"),
     ],
 )
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
