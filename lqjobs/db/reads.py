@@ -48,18 +48,22 @@ class Reads(Statements):
     def seconds_until_next_job(
         self, conn: Connection, task_identifiers: Sequence[str] | None, job_expiry: timedelta
     ) -> float | None:
-        """When the next job becomes runnable without any NOTIFY: a future run_at
-        (delays, back-offs) or an expiring lock. None when there is none."""
+        """When ``get_job`` can next take a job that no NOTIFY announces: a future
+        run_at (delays, back-offs) or an expiring lock, and never before the lock on
+        the job's serial queue expires (a held queue blocks its other jobs, so a
+        job whose own lock expired waits for it too). None when there is none."""
         query = sql.SQL(
             """
-            SELECT extract(epoch FROM least(
-                (SELECT min(run_at) FROM {schema}.jobs
-                  WHERE locked_at IS NULL AND attempts < max_attempts AND run_at > now()
-                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s))),
-                (SELECT min(locked_at) + %(expiry)s::interval FROM {schema}.jobs
-                  WHERE locked_at IS NOT NULL AND attempts < max_attempts
-                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s)))
-            ) - now())::float8
+            SELECT extract(epoch FROM min(greatest(
+                       CASE WHEN j.locked_at IS NULL THEN j.run_at
+                            ELSE j.locked_at + %(expiry)s::interval END,
+                       q.locked_at + %(expiry)s::interval)) - now())::float8
+              FROM {schema}.jobs j
+              LEFT JOIN {schema}.job_queues q
+                ON q.queue_name = j.queue_name AND q.locked_at IS NOT NULL
+             WHERE j.attempts < j.max_attempts
+               AND (j.locked_at IS NOT NULL OR j.run_at > now() OR q.locked_at IS NOT NULL)
+               AND (%(tasks)s::text[] IS NULL OR j.task_identifier = ANY(%(tasks)s))
             """
         ).format(schema=self._schema)
         params = {"tasks": tasks_param(task_identifiers), "expiry": job_expiry}
