@@ -31,7 +31,7 @@ from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.db import Connection
 from lqjobs.db.base import walk_job_index
-from lqjobs.db.queue import LockedBatch, Queue
+from lqjobs.db.queue import LockedBatch, Queue, UnreadableRow
 from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.listening import Listener, ServiceLoop
@@ -143,10 +143,12 @@ class Bridge:
         more to lock now: the batch came back full, below the in-flight cap."""
         with self._reservation() as reserved_elsewhere, conn.transaction():
             batch = self._lock_jobs(conn, self.settings.max_in_flight - reserved_elsewhere)
+            for unreadable in batch.unreadable:
+                self._reject_unreadable(conn, unreadable)
             sendable = [job for job in batch.jobs if not self._reject_oversized(conn, job)]
             if sendable:
                 self.publisher.publish(sendable)
-        locked = len(batch.jobs)
+        locked = batch.locked
         self._count(locked=locked, dispatched=len(sendable))
         if locked >= batch.room:  # at the in-flight cap (or over it: the cap was lowered)
             self._saturated = True
@@ -186,8 +188,7 @@ class Bridge:
         if size <= self.settings.max_payload_bytes:
             return False
         message = f"payload too large: {size} bytes (limit {self.settings.max_payload_bytes})"
-        self.queue.fail_job(conn, self.worker_id, job.id, message)
-        self.queue.permanently_fail_jobs(conn, [job.id], message)
+        self._park(conn, job.id, message)
         self._count(oversized=1)
         log.warning(
             "payload too large: failed permanently",
@@ -201,6 +202,18 @@ class Bridge:
             },
         )
         return True
+
+    def _reject_unreadable(self, conn: Connection, row: UnreadableRow) -> None:
+        """A row lqjobs cannot read is parked (failed permanently) and reported; the
+        jobs behind it go on."""
+        self._park(conn, row.job_id, f"unreadable job row: {row.reason}")
+        self._count(unreadable=1)
+        fields = {"action": "job_row_unreadable", "job_id": row.job_id, "reason": row.reason}
+        log.error("job row unreadable: failed permanently", extra=fields)
+
+    def _park(self, conn: Connection, job_id: int, message: str) -> None:
+        """Fail a job this bridge holds for good, inside the locking transaction."""
+        self.queue.fail_job_permanently(conn, self.worker_id, job_id, message)
 
     # -- the loop ---------------------------------------------------------------
 

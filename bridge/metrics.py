@@ -16,6 +16,7 @@ COUNTERS = (
     ("jobs_locked_total", "locked", "Jobs locked with get_job."),
     ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
     ("jobs_oversized_total", "oversized", "Jobs failed for a too large payload."),
+    ("jobs_unreadable_total", "unreadable", "Job rows lqjobs could not read, failed."),
     ("bridge_failures_total", "failures", "Passes failed on the database or broker."),
     ("jobs_republished_total", "republished", "Leases re-published after a broker restart."),
     ("broker_restarts_total", "broker_restarts", "Broker restarts seen (run_id changes)."),

@@ -32,8 +32,9 @@ class JobRow(BaseModel):
     last_error: str | None
     locked_at: datetime | None
     locked_by: str | None
-    created_at: datetime
-    updated_at: datetime
+    # NULL in rows queued before the upstream extension added these columns.
+    created_at: datetime | None
+    updated_at: datetime | None
 
     def payload_value(self) -> Any:
         return json.loads(self.payload)

@@ -8,13 +8,14 @@ statement. Nothing here checks a lease: the fenced writes live in
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
 from psycopg import sql
 from psycopg.rows import dict_row
+from pydantic import ValidationError
 
 from lqjobs.db.base import (
     JOB_COLUMNS,
@@ -25,15 +26,39 @@ from lqjobs.db.base import (
     translated_errors,
 )
 from lqjobs.errors import DatabaseError
+from lqjobs.logs import clean_text
 from lqjobs.models import JobRow
 
 NO_CAP = 2**31 - 1  # get_jobs_under_cap's cap for a caller without one (an int4)
 
 
 @dataclass(frozen=True)
+class UnreadableRow:
+    """A locked row that does not fit :class:`JobRow` (a schema lqjobs does not know)."""
+
+    job_id: int
+    reason: str  # field and problem, never the value
+
+
+@dataclass(frozen=True)
 class LockedBatch:
     jobs: list[JobRow]
     room: int  # free in-flight slots before the batch: the cap minus the jobs held
+    unreadable: list[UnreadableRow] = field(default_factory=list)
+
+    @property
+    def locked(self) -> int:
+        return len(self.jobs) + len(self.unreadable)
+
+
+def read_job(row: dict[str, Any]) -> JobRow | UnreadableRow:
+    """The row as a :class:`JobRow`, or why it is not one."""
+    try:
+        return JobRow.model_validate(row)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return UnreadableRow(int(row["id"]), clean_text(f"{where}: {first['msg']}", 200))
 
 
 class Queue(Statements):
@@ -101,8 +126,10 @@ class Queue(Statements):
             cur.execute(query, params)
             rows = cur.fetchall()
         room = int(rows[0]["room_before"])  # one row at least: room LEFT JOIN no job
-        jobs = [JobRow.model_validate(row) for row in rows if row["id"] is not None]
-        return LockedBatch(jobs, room)
+        read = [read_job(row) for row in rows if row["id"] is not None]
+        jobs = [job for job in read if isinstance(job, JobRow)]
+        unreadable = [job for job in read if isinstance(job, UnreadableRow)]
+        return LockedBatch(jobs, room, unreadable)
 
     def _get_jobs_under_cap_query(self) -> sql.Composed:
         return sql.SQL(
@@ -142,6 +169,18 @@ class Queue(Statements):
         args = [sql.Placeholder(), sql.SQL("%s::bigint"), sql.SQL("%s::text")]
         query = self._call("fail_job", JOB_COLUMNS, args)
         return self._one(conn, JobRow, query, [worker_id, job_id, error_message or "unknown error"])
+
+    def fail_job_permanently(
+        self, conn: Connection, worker_id: str, job_id: int, error_message: str
+    ) -> None:
+        """``fail_job`` then ``permanently_fail_jobs`` of a job ``worker_id`` holds, in the
+        caller's transaction, reading nothing back: the bridge parks rows it could not
+        read with it."""
+        message = error_message or "unknown error"
+        fail = [sql.Placeholder(), sql.SQL("%s::bigint"), sql.SQL("%s::text")]
+        self._void(conn, self._call("fail_job", "1", fail), [worker_id, job_id, message])
+        park = [sql.SQL("%s::bigint[]"), sql.SQL("%s::text")]
+        self._void(conn, self._call("permanently_fail_jobs", "1", park), [[job_id], message])
 
     def add_job(
         self,

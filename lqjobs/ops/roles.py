@@ -85,8 +85,7 @@ class Privileges:
 STATEMENTS: dict[str, tuple[str, ...]] = {
     "bridge": (
         "Queue.get_jobs_under_cap",
-        "Queue.fail_job",
-        "Queue.permanently_fail_jobs",
+        "Queue.fail_job_permanently",
         "Reads.count_locked_by",
         "Reads.jobs_locked_by",
         "Reads.queue_gauges",

@@ -360,8 +360,7 @@ def _statement_calls() -> dict[str, Any]:
         "Queue.get_jobs_under_cap": lambda c: queue.get_jobs_under_cap(
             c, "deny-test", ["no-such-task"], hour, 1, 10
         ),
-        "Queue.fail_job": lambda c: queue.fail_job(c, "deny-test", 0, "x"),
-        "Queue.permanently_fail_jobs": lambda c: queue.permanently_fail_jobs(c, [0], "x"),
+        "Queue.fail_job_permanently": lambda c: queue.fail_job_permanently(c, "deny-test", 0, "x"),
         "Reads.count_locked_by": lambda c: reads.count_locked_by(c, "deny-test"),
         "Reads.jobs_locked_by": lambda c: reads.jobs_locked_by(c, "deny-test", hour),
         "Reads.queue_gauges": lambda c: reads.queue_gauges(c, None),
