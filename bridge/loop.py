@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -47,6 +48,14 @@ HOST_PART = re.compile(r"[A-Za-z0-9._-]{1,40}")
 # minus the workers' slots, so nobody waits on a recheck; a longer one tops up more
 # jobs per pass (20 ms: 0.73-0.80 ms of bridge CPU per end-to-end job, 50 ms: 0.46-0.51).
 SATURATED_RECHECK = 0.05
+
+
+ABANDONED_MESSAGE = "lease expired on the last attempt with no outcome recorded"
+
+
+def sweep_interval(settings: Settings) -> float:
+    """Seconds between abandoned-lease sweeps: a few per lease expiry, at most a minute."""
+    return min(60.0, max(1.0, settings.job_expiry / 4))
 
 
 def new_worker_id(hostname: str) -> str:
@@ -105,6 +114,7 @@ class Bridge:
             if self._extra_conns
             else None
         )
+        self._next_sweep = 0.0  # monotonic time of the next abandoned-lease sweep
         # F4: re-publishes this bridge's leases after a Redis restart (bridge/reconcile.py).
         self.reconciler = reconcile.build(
             settings, self.reads, self.worker_id, publisher, self.counters, batch_size
@@ -242,7 +252,31 @@ class Bridge:
     def _pass(self) -> None:
         self.listener.open()  # LISTEN first: a new listener's pass misses no insert
         self.reconciler.check(self._work_connection())
+        self._sweep_abandoned()
         self.run_once()
+
+    def _sweep_abandoned(self) -> None:
+        """Every so often, fail (visibly) the jobs whose lease expired on their last
+        attempt: no message or worker will settle them, and get_job never re-takes a
+        job whose attempts are used up. Any bridge may do it for any holder."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        failed = self.queue.fail_abandoned_leases(
+            self._work_connection(), self.job_expiry, ABANDONED_MESSAGE
+        )
+        self._next_sweep = now + sweep_interval(self.settings)
+        if failed:
+            self._count(abandoned=len(failed))
+            log.warning(
+                "leases expired on their last attempt: failed",
+                extra={
+                    "action": "abandoned_leases_failed",
+                    "worker_id": self.worker_id,
+                    "count": len(failed),
+                    "job_ids": failed[:20],
+                },
+            )
 
     def _idle(self) -> None:
         """Sleep until a notification, the next wake-up, or stop()."""
@@ -272,7 +306,7 @@ class Bridge:
             counts = dict(self.counters)
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:
             in_flight = self.reads.count_locked_by(conn, self.worker_id)
-            gauges = self.reads.queue_gauges(conn, self.task_filter)
+            gauges = self.reads.queue_gauges(conn, self.task_filter, self.job_expiry)
         return bridge_metrics.samples(self.worker_id, counts, in_flight, gauges)
 
     # -- connections ------------------------------------------------------------

@@ -17,6 +17,7 @@ COUNTERS = (
     ("jobs_dispatched_total", "dispatched", "Jobs published to Celery."),
     ("jobs_oversized_total", "oversized", "Jobs failed for a too large payload."),
     ("jobs_unreadable_total", "unreadable", "Job rows lqjobs could not read, failed."),
+    ("jobs_abandoned_total", "abandoned", "Leases expired on a last attempt, failed."),
     ("bridge_failures_total", "failures", "Passes failed on the database or broker."),
     ("jobs_republished_total", "republished", "Leases re-published after a broker restart."),
     ("broker_restarts_total", "broker_restarts", "Broker restarts seen (run_id changes)."),
@@ -52,5 +53,17 @@ def samples(
             "gauge",
             "Jobs parked after max_attempts.",
             gauges.failed_permanently,
+        ),
+        Sample(
+            "jobs_locked_last_attempt",
+            "gauge",
+            "Jobs locked on their last attempt.",
+            gauges.locked_last_attempt,
+        ),
+        Sample(
+            "jobs_abandoned",
+            "gauge",
+            "Jobs locked past the lease expiry on their last attempt (swept by a bridge).",
+            gauges.abandoned,
         ),
     ]

@@ -7,11 +7,15 @@ The bridge publishes a lot of identical-looking messages, so it builds each one
 itself instead of going through ``app.send_task`` (which resolves routes, task
 options, time zones and ``saferepr`` and fires signals for every message). The
 result is the same Celery protocol-2 task message ``send_task`` would send: the
-same headers (``task``, ``id``, ``shadow``, ``expires``, ``argsrepr``, ...),
+same headers (``task``, ``id``, ``shadow``, ``argsrepr``, ...),
 body and properties, published through the app's pooled kombu producer, all
 messages of a batch in one pipelined round trip. Only the per-message
 ``before_task_publish`` / ``after_task_publish`` signals are not sent; a route
 that is not a plain direct queue falls back to ``send_task``.
+
+Messages carry no ``expires`` and no broker TTL: Celery would judge expiry on the
+worker's clock against the bridge's and discard the message unrun, leaving its job
+locked. The task's preflight judges a late delivery on the database's clock instead.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any, Protocol
 
 from celery import Celery
@@ -41,9 +44,8 @@ class Publisher(Protocol):
 
 
 class CeleryPublisher:
-    def __init__(self, app: Celery, expires_seconds: float) -> None:
+    def __init__(self, app: Celery) -> None:
         self.app = app
-        self.expires_seconds = expires_seconds  # a late delivery must not start a call
         self._queue = _direct_queue(app)
         self._origin = anon_nodename()
         self._time_limits = [app.conf.task_time_limit, app.conf.task_soft_time_limit]
@@ -54,7 +56,6 @@ class CeleryPublisher:
             self._publish_with_send_task(jobs)
             return
         queue = self._queue
-        expires = (self.app.now() + timedelta(seconds=self.expires_seconds)).isoformat()
         reply_to = self.app.thread_oid
         with self.app.producer_or_acquire() as producer, _pipelined(producer, len(jobs)):
             producer.maybe_declare(queue)  # cached per connection: once, not per message
@@ -69,15 +70,14 @@ class CeleryPublisher:
                     routing_key=queue.name,
                     content_type=_CONTENT_TYPE,
                     content_encoding=_CONTENT_ENCODING,
-                    headers=self._headers(job, task_id, expires, lease.describe(database_id)),
+                    headers=self._headers(job, task_id, lease.describe(database_id)),
                     delivery_mode=queue.exchange.delivery_mode or 2,
-                    expiration=self.expires_seconds,
                     correlation_id=task_id,
                     reply_to=reply_to,
                     retry=False,  # fail fast: the transaction rolls back, the job stays put
                 )
 
-    def _headers(self, job: JobRow, task_id: str, expires: str, argsrepr: str) -> dict[str, Any]:
+    def _headers(self, job: JobRow, task_id: str, argsrepr: str) -> dict[str, Any]:
         """The protocol-2 headers, as ``app.amqp.as_task_v2`` writes them."""
         return {
             "lang": "py",
@@ -85,7 +85,7 @@ class CeleryPublisher:
             "id": task_id,
             "shadow": job.task_identifier,  # Flower and logs show the job's task
             "eta": None,
-            "expires": expires,
+            "expires": None,
             "group": None,
             "group_index": None,
             "retries": 0,
@@ -111,7 +111,6 @@ class CeleryPublisher:
                     argsrepr=lease.describe(str(job.database_id)),
                     task_id=lease.task_id(),
                     shadow=job.task_identifier,
-                    expires=self.expires_seconds,
                     producer=producer,
                     retry=False,
                 )

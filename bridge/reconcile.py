@@ -53,9 +53,9 @@ def may_defer(settings: Settings) -> Callable[[str], bool]:
 
 
 def republish_window(settings: Settings) -> timedelta:
-    """How old a lease may be for a copy, sent now, to end its call inside the lease."""
-    seconds = settings.job_expiry - settings.message_expiry_seconds() - settings.task_time_limit
-    return timedelta(seconds=max(0.0, seconds))
+    """How old a lease may be for a copy, sent now, to be worth sending: a delivery
+    starts its call only inside the start window (judged on the database's clock)."""
+    return timedelta(seconds=settings.start_window_seconds())
 
 
 class Reconciler:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
 
-from lqjobs.lease import Lease
+from lqjobs.lease import EPOCH, Lease, to_micros
 
 STARTED_PREFIX = "lqjobs:started:"
 DEFERRED_KEY = "lqjobs:deferred"
@@ -58,14 +58,15 @@ class Claim(enum.Enum):
 
 
 class StartedMarks:
-    """Remembers which leases had their call started, so a second delivery of a
-    lease (a redelivery after a lost worker, or a re-published message) is told
-    apart from the first start of its call.
+    """Remembers which leases had their call started, and when (database clock), so
+    a second delivery of a lease (a redelivery after a lost worker, a message
+    re-published or restored after a broker blip) is told apart from the first
+    start of its call, and knows whether that call may still be running.
 
-    One round trip per first delivery: ``SET key 1 NX EX ttl`` claims the start. Only
-    a delivery that finds the start claimed already asks (``ZSCORE``) the
-    deferred-deadline set whether the earlier delivery handed this lease to an
-    asynchronous callback."""
+    One round trip per first delivery: ``SET key <start> NX EX ttl`` claims the
+    start. Only a delivery that finds the start claimed already reads the start
+    time and asks (``ZSCORE``) the deferred-deadline set whether the earlier
+    delivery handed this lease to an asynchronous callback."""
 
     def __init__(
         self, client: redis.Redis | None, ttl: timedelta, deferred_key: str = DEFERRED_KEY
@@ -78,23 +79,39 @@ class StartedMarks:
     def _key(lease: Lease) -> str:
         return STARTED_PREFIX + lease.task_id()
 
-    def claim(self, lease: Lease) -> Claim:
-        """Best effort: without Redis every delivery counts as the first (a lost
-        worker's redelivery may then call the function a second time, which is
-        at-least-once), because an exception here would strand the job."""
+    def claim(self, lease: Lease, now: datetime) -> tuple[Claim, datetime | None]:
+        """The claim, and for a start claimed before, when that start was (``now`` is
+        the database's clock). Best effort: without Redis every delivery counts as
+        the first (the advisory lock still keeps calls apart; a lost worker's
+        redelivery may call a second time, which is at-least-once), because an
+        exception here would strand the job."""
         if self.client is None:
-            return Claim.FIRST
+            return Claim.FIRST, None
+        started = str(to_micros(now)).encode()
         try:
-            if self.client.set(self._key(lease), b"1", nx=True, ex=self.ttl):
-                return Claim.FIRST
-            deferred_until = self.client.zscore(self.deferred_key, lease.encode())
+            if self.client.set(self._key(lease), started, nx=True, ex=self.ttl):
+                return Claim.FIRST, None
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(self._key(lease))
+            pipe.zscore(self.deferred_key, lease.encode())
+            earlier, deferred_until = pipe.execute()
         except redis.RedisError:
             log.warning(
                 "could not claim the start of the call",
                 extra={"action": "start_claim_failed", "job_id": lease.job_id},
             )
-            return Claim.FIRST
-        return Claim.STARTED if deferred_until is None else Claim.DEFERRED
+            return Claim.FIRST, None
+        if deferred_until is not None:
+            return Claim.DEFERRED, None
+        return Claim.STARTED, _from_micros(earlier)
+
+
+def _from_micros(value: bytes | None) -> datetime:
+    """A start time read back; anything unreadable counts as long ago."""
+    try:
+        return EPOCH + timedelta(microseconds=int(value or b"0"))
+    except (ValueError, OverflowError):
+        return EPOCH
 
 
 class DeferredDeadlines:

@@ -22,6 +22,7 @@ from lqjobs.transport import TRANSPORT_PATH
 from lqjobs.worker import JobRunner, Result, build_runner
 
 BUSY_RETRY_SECONDS = 2.0
+MAX_RETRY_SECONDS = 30.0
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -117,8 +118,10 @@ def register_run_job(app: Celery, settings: Settings) -> Any:
         lease = Lease.from_message(job_id, worker_id, attempts, locked_at)
         redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
         result = runners.get().run(lease, task_identifier, self.request.id, redelivered)
-        if result in (Result.BUSY, Result.UNAVAILABLE):  # come back later, never drop
+        if result is Result.BUSY:  # come back later, never drop
             raise self.retry(countdown=BUSY_RETRY_SECONDS)
+        if result is Result.UNAVAILABLE:  # the database keeps failing: back off
+            raise self.retry(countdown=retry_delay(self.request.retries))
         return str(result.value)
 
     task = app.task(
@@ -132,6 +135,11 @@ def register_run_job(app: Celery, settings: Settings) -> Any:
     )(run_job)
     task.runners = runners  # lets an embedding process (or a test) close the pools
     return task
+
+
+def retry_delay(retries: int) -> float:
+    """2, 4, 8, 16, then 30 s between deliveries while the database fails."""
+    return min(MAX_RETRY_SECONDS, BUSY_RETRY_SECONDS * float(2 ** min(retries, 4)))
 
 
 def register(app: Celery, settings: Settings) -> None:

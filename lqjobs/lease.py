@@ -22,6 +22,12 @@ TASK_NAME = "lqjobs.run_job"  # the Celery task every lease is published to
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def to_micros(moment: datetime) -> int:
+    """``moment`` as integer microseconds since the epoch (exact, unlike floats)."""
+    delta = moment - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
 @dataclass(frozen=True)
 class Lease:
     job_id: int
@@ -45,9 +51,8 @@ class Lease:
 
     @property
     def locked_at_us(self) -> int:
-        """locked_at as integer microseconds since the epoch (exact, unlike floats)."""
-        delta = self.locked_at - EPOCH
-        return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        """locked_at as integer microseconds since the epoch."""
+        return to_micros(self.locked_at)
 
     def task_id(self) -> str:
         """The Celery task id: job id and attempt, plus the lock time that makes it unique."""

@@ -87,6 +87,7 @@ class TaskStatus(BaseModel):
     ready: int
     delayed: int
     locked: int
+    locked_last_attempt: int  # of the locked: a failure (or an expired lease) parks them
     failed_permanently: int
     oldest_ready_age_seconds: float | None
 

@@ -149,11 +149,17 @@ class Settings(BaseSettings):
             return self.callback_deadline
         return min(300.0, self.job_expiry / 2)
 
-    def message_expiry_seconds(self) -> float:
-        """How long after its publish a message may still start a call: its wait for a
-        worker slot, plus one visibility timeout for the redelivery after a lost
-        worker. The ladder keeps a call started that late inside the job's lease."""
+    def start_window_seconds(self) -> float:
+        """How long after ``get_job`` locked it (database clock) a delivery may still
+        start its job's call: the wait for a worker slot, plus one visibility timeout
+        for the redelivery after a lost worker. The ladder keeps a call started that
+        late inside the lease; a later delivery gives the lease back unrun."""
         return self.max_queue_wait + self.visibility_timeout
+
+    def call_bound_seconds(self) -> float:
+        """The longest one call can still be running after its start: the task's hard
+        time limit (an HTTP exchange ends sooner, at its wall-clock deadline)."""
+        return self.task_time_limit + 1.0
 
     def timeout_ladder_problems(self) -> list[str]:
         """Violations of T_http < T_soft < T_hard < V and V + T_hard + wait < E."""

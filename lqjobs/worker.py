@@ -5,15 +5,22 @@ Order of events for one delivery:
    delivery is stale: acknowledged and dropped, the row untouched), and this
    worker must win the job's advisory lock (else another delivery of the same
    lease is running: try again later, never overlap);
-2. every delivery claims the start of its lease's call in Redis (``SET NX``);
-   a delivery whose lease was started already (its worker died mid-call, or the
-   message was re-published) becomes a fenced ``fail_job``, not a second call,
-   or, when that call was deferred to an asynchronous callback, is dropped
-   without a write;
-3. invoke the executor, then record the outcome with a fenced ``complete_job`` /
+2. every delivery claims the start of its lease's call in Redis (``SET NX``, with
+   the start time on the database's clock). A delivery whose lease was started
+   already waits while that call may still be running (the advisory lock goes
+   with its session, so it alone cannot tell), then becomes a fenced
+   ``fail_job`` ("worker lost"), not a second call; when that call was deferred
+   to an asynchronous callback it is dropped without a write;
+3. a delivery that comes too late to start its call inside the lease (past the
+   start window, on the database's clock) gives the lease back unrun, its
+   attempt returned;
+4. invoke the executor, then record the outcome with a fenced ``complete_job`` /
    ``fail_job``. Celery retries are never used for job failures: the SQL
-   back-off is the only retry policy. If the database is unreachable after the
-   call, only the bookkeeping is retried, never the function.
+   back-off is the only retry policy.
+
+Any database error before the call means "deliver again later"; after the call,
+only the bookkeeping is retried, on any database error, until the lease expires.
+A session that failed is closed, never handed out again.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -34,8 +41,8 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from lqjobs.broker_state import Claim, DeferredDeadlines, StartedMarks, is_redis
 from lqjobs.callback import tokens
 from lqjobs.db import Connection
-from lqjobs.db.fence import Fence
-from lqjobs.errors import DatabaseError, DatabaseUnavailable
+from lqjobs.db.fence import Fence, Held
+from lqjobs.errors import DatabaseError
 from lqjobs.executors import (
     Deferred,
     Done,
@@ -62,7 +69,8 @@ class Result(enum.Enum):
     DEFERRED = "deferred"
     STALE = "stale"  # the lease is gone: dropped, untouched
     BUSY = "busy"  # another delivery of this lease holds the job: try later
-    UNAVAILABLE = "unavailable"  # the database is away before the call: try later
+    UNAVAILABLE = "unavailable"  # a database error before the call: try later
+    GIVEN_BACK = "given_back"  # delivered too late to start the call: lease returned unrun
     WORKER_LOST = "worker_lost"  # delivered again after its call had started: failed, not re-run
     DUPLICATE = "duplicate"  # delivered again while its call awaits a callback: dropped, untouched
     UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
@@ -86,6 +94,8 @@ class JobRunner:
         self.marks = marks
         self.deadlines = deadlines
         self.job_expiry = timedelta(seconds=settings.job_expiry)
+        self.start_window = timedelta(seconds=settings.start_window_seconds())
+        self.call_bound = timedelta(seconds=settings.call_bound_seconds())
         self.results: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
         self.metrics_server: MetricsServer | None = None
@@ -114,58 +124,100 @@ class JobRunner:
     def _run_pooled(self, lease: Lease, task: str, call_id: str, redelivered: bool) -> Result:
         try:
             with self.pool.connection() as conn:
-                return self._run(conn, lease, task, call_id, redelivered)
-        except (DatabaseUnavailable, PoolTimeout):
-            # Only reachable before the call (afterwards _record waits it out): nothing
-            # ran, so the delivery comes back later instead of being acked and lost.
+                try:
+                    return self._run(conn, lease, task, call_id, redelivered)
+                except DatabaseError:
+                    conn.close()  # reaped, read-only or broken: never handed out again
+                    raise
+        except (DatabaseError, PoolTimeout) as exc:
+            # Only reachable before the call (afterwards _record retries it until the
+            # lease expires): nothing ran, so the delivery comes back later instead of
+            # being acked and lost.
             log.warning(
-                "database unavailable before the call; retrying the delivery",
-                extra=_fields(lease, task, "db_unavailable"),
+                "database error before the call; retrying the delivery",
+                extra=_fields(lease, task, "db_unavailable") | _error_fields(exc),
             )
             return Result.UNAVAILABLE
 
     def _run(
         self, conn: Connection, lease: Lease, task: str, call_id: str, redelivered: bool
     ) -> Result:
-        job, locked = self.fence.preflight(conn, lease)
-        if job is None:
+        held = self.fence.preflight(conn, lease)
+        if held is None:
             log.info("stale delivery dropped", extra=_fields(lease, task, "stale_dropped"))
             return Result.STALE
-        if not locked:
+        if not held.advisory:
             return Result.BUSY
         released = False
         try:
-            result, released = self._run_locked(conn, job, lease, call_id, redelivered)
+            result, released = self._run_locked(conn, held, lease, call_id, redelivered)
             return result
         finally:
             if not released:
                 self._unlock(conn, lease)
 
     def _run_locked(
-        self, conn: Connection, job: JobRow, lease: Lease, call_id: str, redelivered: bool
+        self, conn: Connection, held: Held, lease: Lease, call_id: str, redelivered: bool
     ) -> tuple[Result, bool]:
         """The delivery's result, and whether the advisory lock was released already
         (by the statement that recorded the outcome)."""
-        claim = self.marks.claim(lease)
+        claim, started_at = self.marks.claim(lease, held.db_now)
         if claim is Claim.DEFERRED:
             # The call was made and handed to an asynchronous callback (or its deadline
             # reaper): this delivery is a duplicate. Acknowledged, the row untouched.
             log.info(
                 "duplicate delivery of a deferred call dropped",
-                extra=_fields(lease, job.task_identifier, "deferred_duplicate"),
+                extra=_fields(lease, held.job.task_identifier, "deferred_duplicate"),
             )
             return Result.DUPLICATE, False
         if claim is Claim.STARTED:
-            log.warning(
-                "delivered again after its call had started: worker lost",
-                extra=_fields(lease, job.task_identifier, "worker_lost")
-                | {"redelivered": redelivered},
-            )
-            recorded, released = self._record(conn, lease, Failed("worker lost during attempt"))
-            result = Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded
-            return result, released
-        outcome = self._invoke(job, lease, call_id)
+            return self._started_before(conn, held, lease, started_at, redelivered)
+        if held.lease_age >= self.start_window:
+            return self._give_back(conn, held, lease), False
+        outcome = self._invoke(held.job, lease, call_id)
         return self._record(conn, lease, outcome)
+
+    def _started_before(
+        self,
+        conn: Connection,
+        held: Held,
+        lease: Lease,
+        started_at: datetime | None,
+        redelivered: bool,
+    ) -> tuple[Result, bool]:
+        """A second delivery of a lease whose call was started: while that call may
+        still run (its advisory lock may have gone with a reaped session), come back
+        later; after that, its worker was lost: a fenced failure, never a second call."""
+        task = held.job.task_identifier
+        if started_at is not None and held.db_now < started_at + self.call_bound:
+            log.info(
+                "delivered again while its call may still run; retrying later",
+                extra=_fields(lease, task, "call_may_be_running"),
+            )
+            return Result.BUSY, False
+        log.warning(
+            "delivered again after its call had started: worker lost",
+            extra=_fields(lease, task, "worker_lost") | {"redelivered": redelivered},
+        )
+        recorded, released = self._record(conn, lease, Failed("worker lost during attempt"))
+        return (Result.WORKER_LOST if recorded is not Result.UNRECORDED else recorded), released
+
+    def _give_back(self, conn: Connection, held: Held, lease: Lease) -> Result:
+        """Too late to start a call that must end inside the lease: hand it back."""
+        age = held.lease_age.total_seconds()
+        window = self.start_window.total_seconds()
+        message = (
+            f"not started: delivered {age:.0f}s after the lock, past the {window:g}s "
+            "start window; lease given back"
+        )
+        if not self.fence.fenced_give_back(conn, lease, message):
+            return Result.STALE
+        log.warning(
+            "delivered too late to start its call: lease given back",
+            extra=_fields(lease, held.job.task_identifier, "lease_given_back")
+            | {"lease_age_seconds": round(age, 1)},
+        )
+        return Result.GIVEN_BACK
 
     def _invoke(self, job: JobRow, lease: Lease, call_id: str) -> Outcome:
         invocation = Invocation(
@@ -198,7 +250,14 @@ class JobRunner:
         lock in the same statement when it can; the result, and whether it did."""
         try:
             return self._write(conn, lease, outcome, release=True)
-        except DatabaseUnavailable:  # that session is gone, and its advisory lock with it
+        except DatabaseError as exc:
+            # Reaped, read-only after a failover, a serialization failure...: close the
+            # session (its advisory lock goes with it) and retry on fresh ones.
+            conn.close()
+            log.warning(
+                "outcome not written; retrying the bookkeeping",
+                extra=_fields(lease, "", "record_retry") | _error_fields(exc),
+            )
             return self._record_with_retries(lease, outcome), True
 
     def _record_with_retries(self, lease: Lease, outcome: Outcome) -> Result:
@@ -210,11 +269,15 @@ class JobRunner:
             delay = min(delay * 2, 5.0)
             try:
                 with self.pool.connection(timeout=5) as conn:
-                    return self._write(conn, lease, outcome, release=False)[0]
-            except (DatabaseUnavailable, PoolTimeout):
+                    try:
+                        return self._write(conn, lease, outcome, release=False)[0]
+                    except DatabaseError:
+                        conn.close()
+                        raise
+            except (DatabaseError, PoolTimeout):
                 continue
         log.error(
-            "outcome not recorded: database unreachable until lease expiry",
+            "outcome not recorded: database errors until lease expiry",
             extra=_fields(lease, "", "unrecorded"),
         )
         return Result.UNRECORDED
@@ -274,12 +337,19 @@ def _fields(lease: Lease, task: str, action: str) -> dict[str, Any]:
     }
 
 
+def _error_fields(exc: Exception) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "sqlstate": getattr(exc, "sqlstate", None)}
+
+
 def build_runner(settings: Settings) -> JobRunner:
     pool: ConnectionPool[Connection] = ConnectionPool(
         settings.conninfo(),
         min_size=1,
         max_size=settings.db_pool_size,
         kwargs={"autocommit": True},
+        # A session the server closed while it sat in the pool (an idle-session
+        # timeout, a pooler, a failover) is replaced before a job gets it.
+        check=ConnectionPool.check_connection,
         open=True,
         name="lqjobs-worker",
     )

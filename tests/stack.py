@@ -80,7 +80,7 @@ def in_thread(loop: LoopT, name: str, stop_within: float) -> Iterator[LoopT]:
 
 @contextlib.contextmanager
 def bridge(settings: Settings, app: Celery, **kwargs: Any) -> Iterator[Bridge]:
-    running = Bridge(settings, CeleryPublisher(app, settings.message_expiry_seconds()), **kwargs)
+    running = Bridge(settings, CeleryPublisher(app), **kwargs)
     with in_thread(running, "bridge", 10) as started:
         yield started
 

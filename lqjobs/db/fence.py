@@ -9,7 +9,8 @@ advisory lock keeps two deliveries of one lease from calling the function at onc
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from psycopg import sql
@@ -37,6 +38,19 @@ class LeaseState(enum.Enum):
     EXPIRED = "expired"  # the lease's callback token ran out (database clock)
 
 
+@dataclass(frozen=True)
+class Held:
+    """What the preflight found for a lease the row still holds."""
+
+    job: JobRow
+    advisory: bool  # this session took the job's advisory lock
+    db_now: datetime  # the database's clock at the check: every age is judged on it
+
+    @property
+    def lease_age(self) -> timedelta:
+        return self.db_now - (self.job.locked_at or self.db_now)
+
+
 def lease_params(lease: Lease) -> dict[str, Any]:
     return {
         "id": lease.job_id,
@@ -53,9 +67,11 @@ class Fence(Statements):
         super().__init__(schema)
         self._queue = Queue(schema)
 
-    def preflight(self, conn: Connection, lease: Lease) -> tuple[JobRow | None, bool]:
-        """The job row if it is still held under ``lease``, and whether this session
-        took the job's advisory lock (no two overlapping calls for one job).
+    def preflight(self, conn: Connection, lease: Lease) -> Held | None:
+        """None when the row no longer holds ``lease`` (a stale delivery); else the
+        row, whether this session took the job's advisory lock (no two overlapping
+        calls for one job), and the database's clock, so that no age is ever judged
+        on a worker's clock.
 
         Selected by id alone ``FOR SHARE``, so it waits for a bridge transaction
         that has published but not yet committed, then reads the committed row.
@@ -73,16 +89,17 @@ class Fence(Statements):
             cur.execute(query, lease_params(lease))
             row = cur.fetchone()
         if row is None:
-            return None, False
-        locked = bool(row.pop("advisory"))
+            return None
+        advisory = bool(row.pop("advisory"))
+        db_now = row.pop("db_now")
         job = JobRow.model_validate(row)
-        return (job, locked) if lease.held_by(job) else (None, False)
+        return Held(job, advisory, db_now) if lease.held_by(job) else None
 
     def preflight_query(self) -> sql.Composed:
         return sql.SQL(
             "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
             "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
-            "AS advisory FROM {schema}.jobs WHERE id = %(id)s "
+            "AS advisory, now() AS db_now FROM {schema}.jobs WHERE id = %(id)s "
             "AND set_config('synchronous_commit', 'off', true) IS NOT NULL FOR SHARE"
         ).format(
             columns=sql.SQL(JOB_COLUMNS),
@@ -146,6 +163,21 @@ class Fence(Statements):
             message = error_message or "unknown error"
             self._queue.permanently_fail_jobs(conn, [lease.job_id], message)
             return True
+
+    def fenced_give_back(self, conn: Connection, lease: Lease, error_message: str) -> bool:
+        """Hand back a lease whose call was never started: ``fail_job`` (it unlocks, and
+        ``last_error`` says why) then ``reschedule_jobs`` with the attempt returned and
+        ``run_at`` now, in one transaction under ``lease``; False if it is not held."""
+        with translated_errors(), conn.transaction():
+            if not self.fenced_fail(conn, lease, error_message):
+                return False
+            query = self._statement(conn, "give_back", self._give_back_query)
+            self._void(conn, query, [[lease.job_id], max(lease.attempts - 1, 0)])
+            return True
+
+    def _give_back_query(self) -> sql.Composed:
+        args = [sql.SQL("%s::bigint[]"), sql.SQL("now()"), sql.SQL("NULL::int")]
+        return self._call("reschedule_jobs", "1", [*args, sql.SQL("%s::int"), sql.SQL("NULL::int")])
 
     def lock_lease_state(self, conn: Connection, lease: Lease, expires_at: datetime) -> LeaseState:
         """Where the job stands for ``lease`` (see :class:`LeaseState`), its row locked

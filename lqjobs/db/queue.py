@@ -182,6 +182,25 @@ class Queue(Statements):
         park = [sql.SQL("%s::bigint[]"), sql.SQL("%s::text")]
         self._void(conn, self._call("permanently_fail_jobs", "1", park), [[job_id], message])
 
+    def fail_abandoned_leases(
+        self, conn: Connection, job_expiry: timedelta, error_message: str, limit: int = 100
+    ) -> list[int]:
+        """``fail_job`` on behalf of their holders for jobs locked longer than
+        ``job_expiry`` (database clock) whose attempts are used up: ``get_job`` never
+        takes those again, so without this they would stay locked forever. Their
+        ``last_error`` says why; the ids come back."""
+        query = sql.SQL(
+            "WITH abandoned AS (SELECT id, locked_by FROM {schema}.jobs "
+            "WHERE locked_by IS NOT NULL AND attempts >= max_attempts "
+            "AND locked_at < now() - %(expiry)s::interval "
+            "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            "SELECT a.id FROM abandoned a, "
+            "LATERAL {schema}.fail_job(a.locked_by, a.id, %(message)s) f"
+        ).format(schema=self._schema)
+        params = {"expiry": job_expiry, "limit": limit, "message": error_message}
+        with translated_errors():
+            return [row[0] for row in conn.execute(query, params).fetchall()]
+
     def add_job(
         self,
         conn: Connection,

@@ -21,6 +21,8 @@ class QueueGauges:
     oldest_ready_age_seconds: float
     unroutable: int
     failed_permanently: int
+    locked_last_attempt: int  # locked on their last attempt: a failure parks them
+    abandoned: int  # of those, locked longer than the lease expiry: no one will settle them
 
 
 class Reads(Statements):
@@ -71,16 +73,23 @@ class Reads(Statements):
             row = conn.execute(query, params).fetchone()
         return None if row is None or row[0] is None else max(0.0, float(row[0]))
 
-    def queue_gauges(self, conn: Connection, task_identifiers: Sequence[str] | None) -> QueueGauges:
+    def queue_gauges(
+        self, conn: Connection, task_identifiers: Sequence[str] | None, job_expiry: timedelta
+    ) -> QueueGauges:
         """Ready jobs this deployment serves and their oldest age; ready jobs of tasks
-        nobody here serves (they wait forever); jobs parked as failed."""
+        nobody here serves (they wait forever); jobs parked as failed; jobs locked on
+        their last attempt, and those of them whose lease expired (get_job never
+        takes them again: a bridge's sweep fails them)."""
         query = sql.SQL(
             """
             SELECT count(*) FILTER (WHERE served AND ready),
                    coalesce(extract(epoch FROM now() - min(run_at)
                             FILTER (WHERE served AND ready)), 0)::float8,
                    count(*) FILTER (WHERE NOT served AND ready),
-                   count(*) FILTER (WHERE locked_at IS NULL AND attempts >= max_attempts)
+                   count(*) FILTER (WHERE locked_at IS NULL AND attempts >= max_attempts),
+                   count(*) FILTER (WHERE locked_at IS NOT NULL AND attempts >= max_attempts),
+                   count(*) FILTER (WHERE locked_at IS NOT NULL AND attempts >= max_attempts
+                                    AND locked_at < now() - %(expiry)s::interval)
               FROM (SELECT run_at, locked_at, attempts, max_attempts,
                            (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s))
                                AS served,
@@ -89,10 +98,11 @@ class Reads(Statements):
                       FROM {schema}.jobs) j
             """
         ).format(schema=self._schema)
+        params = {"tasks": tasks_param(task_identifiers), "expiry": job_expiry}
         with translated_errors():
-            row = conn.execute(query, {"tasks": tasks_param(task_identifiers)}).fetchone()
+            row = conn.execute(query, params).fetchone()
         assert row is not None
-        return QueueGauges(int(row[0]), float(row[1]), int(row[2]), int(row[3]))
+        return QueueGauges(int(row[0]), float(row[1]), *(int(value) for value in row[2:6]))
 
     def existing_job_ids(self, conn: Connection, job_ids: Sequence[int]) -> set[int]:
         """Which of ``job_ids`` are still in the queue (not yet completed)."""
@@ -103,7 +113,8 @@ class Reads(Statements):
             return {row[0] for row in conn.execute(query, [list(job_ids)]).fetchall()}
 
     def task_status(self, conn: Connection) -> list[TaskStatus]:
-        """Per task identifier: ready, delayed, locked, failed-permanently, oldest ready age."""
+        """Per task identifier: ready, delayed, locked (and of those, on their last
+        attempt), failed-permanently, oldest ready age."""
         query = sql.SQL(
             """
             SELECT task_identifier,
@@ -112,6 +123,8 @@ class Reads(Statements):
                    count(*) FILTER (WHERE locked_at IS NULL AND attempts < max_attempts
                                     AND run_at > now()) AS delayed,
                    count(*) FILTER (WHERE locked_at IS NOT NULL) AS locked,
+                   count(*) FILTER (WHERE locked_at IS NOT NULL
+                                    AND attempts >= max_attempts) AS locked_last_attempt,
                    count(*) FILTER (WHERE locked_at IS NULL
                                     AND attempts >= max_attempts) AS failed_permanently,
                    extract(epoch FROM now() - min(run_at) FILTER (

@@ -205,19 +205,21 @@ def grant_command(ctx: Context, apply_now: bool, prefix: str, keep_public_execut
 @pass_context
 @handles_errors
 def status_command(ctx: Context, as_json: bool) -> None:
-    """Per task identifier: ready, delayed, locked, failed permanently, oldest ready age."""
+    """Per task identifier: ready, delayed, locked (of those, on the last attempt),
+    failed permanently, oldest ready age."""
     with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
         rows = ctx.jobs_db().reads.task_status(conn)
     if as_json:
         click.echo(json.dumps([row.model_dump() for row in rows]))
         return
-    header = ("task", "ready", "delayed", "locked", "failed", "oldest ready")
+    header = ("task", "ready", "delayed", "locked", "last-try", "failed", "oldest ready")
     table = [header] + [
         (
             r.task_identifier,
             str(r.ready),
             str(r.delayed),
             str(r.locked),
+            str(r.locked_last_attempt),
             str(r.failed_permanently),
             _age(r.oldest_ready_age_seconds),
         )
@@ -305,9 +307,7 @@ def bridge_command(ctx: Context, batch_size: int) -> None:
     configure_logging(settings.log_level)
     _require_tasks(settings)
     app = create_app(settings)
-    bridge = Bridge(
-        settings, CeleryPublisher(app, settings.message_expiry_seconds()), batch_size=batch_size
-    )
+    bridge = Bridge(settings, CeleryPublisher(app), batch_size=batch_size)
     _run_role(settings, bridge.run_forever, bridge.stop, bridge.metrics)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import redis
 
@@ -106,7 +106,9 @@ def check_database(settings: Settings) -> list[Finding]:
                         "database", Level.FAIL, f"{shown}: schema {settings.jobs_schema} missing"
                     )
                 ]
-            gauges = reads.queue_gauges(conn, settings.task_filter())
+            gauges = reads.queue_gauges(
+                conn, settings.task_filter(), timedelta(seconds=settings.job_expiry)
+            )
     except LqJobsError as exc:
         return [Finding("database", Level.FAIL, f"{shown}: {exc}")]
     findings = [Finding("database", Level.OK, f"{shown}, schema {settings.jobs_schema}")]
@@ -116,6 +118,24 @@ def check_database(settings: Settings) -> list[Finding]:
                 "unroutable jobs",
                 Level.WARN,
                 f"{gauges.unroutable} ready jobs of tasks this deployment does not serve",
+            )
+        )
+    if gauges.abandoned:
+        findings.append(
+            Finding(
+                "abandoned leases",
+                Level.FAIL,
+                f"{gauges.abandoned} jobs locked past the lease expiry on their last attempt: "
+                "get_job never takes them again; a running bridge fails them within a minute "
+                "(is any bridge running?)",
+            )
+        )
+    if gauges.locked_last_attempt:
+        findings.append(
+            Finding(
+                "last attempts",
+                Level.OK,
+                f"{gauges.locked_last_attempt} jobs locked on their last attempt",
             )
         )
     if gauges.failed_permanently:

@@ -15,9 +15,11 @@ they run with the caller's table privileges, and so do the row triggers on
 UPDATE / FOR SHARE`` needs UPDATE on the table as well as SELECT. So:
 
 - bridge: ``get_job`` (SELECT/UPDATE jobs and job_queues), ``fail_job`` and
-  ``permanently_fail_jobs`` for oversized payloads, and reads of jobs; it never deletes;
+  ``permanently_fail_jobs`` for oversized payloads and abandoned leases, and reads
+  of jobs; it never deletes;
 - worker: the preflight (jobs FOR SHARE) and the fenced ``complete_job`` (DELETE
-  jobs; the delete trigger updates / deletes job_queues) and ``fail_job``;
+  jobs; the delete trigger updates / deletes job_queues), ``fail_job``, and
+  ``reschedule_jobs`` to give back a lease it could not start;
   advisory locks and ``pg_notify`` need nothing;
 - callback: the lease state (jobs FOR UPDATE) and the same fenced writes;
 - scheduler: SELECT/UPDATE scheduled_jobs and ``run_scheduled_job``, which INSERTs
@@ -86,6 +88,7 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
     "bridge": (
         "Queue.get_jobs_under_cap",
         "Queue.fail_job_permanently",
+        "Queue.fail_abandoned_leases",
         "Reads.count_locked_by",
         "Reads.jobs_locked_by",
         "Reads.queue_gauges",
@@ -97,6 +100,7 @@ STATEMENTS: dict[str, tuple[str, ...]] = {
         "Fence.fenced_complete",
         "Fence.fenced_fail",
         "Fence.fenced_fail_permanently",
+        "Fence.fenced_give_back",
     ),
     "callback": (
         "Fence.lock_lease_state",
@@ -118,7 +122,7 @@ MATRIX: dict[str, Privileges] = {
         tables={"jobs": ("SELECT", "UPDATE"), "job_queues": ("SELECT", "UPDATE")},
     ),
     "worker": Privileges(
-        functions=("complete_job", "fail_job", "permanently_fail_jobs"),
+        functions=("complete_job", "fail_job", "permanently_fail_jobs", "reschedule_jobs"),
         tables={"jobs": _SETTLE, "job_queues": _SETTLE},
     ),
     "callback": Privileges(

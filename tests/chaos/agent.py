@@ -19,6 +19,7 @@ worker``). With them it first installs, in this process only:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import random
@@ -112,17 +113,23 @@ def commit_before_publish() -> None:
 def no_lease_check() -> None:
     """Upstream's worker: run whatever message arrives, settle by job id alone."""
     from lqjobs.db.base import JOB_COLUMNS
-    from lqjobs.db.fence import Fence
+    from lqjobs.db.fence import Fence, Held
     from lqjobs.db.queue import Queue
     from lqjobs.models import JobRow
 
-    def preflight(self: Fence, conn: Any, lease: Any) -> tuple[JobRow | None, bool]:
+    def preflight(self: Fence, conn: Any, lease: Any) -> Held | None:
         with conn.cursor(row_factory=dict_row) as cur:
             cur.execute(
-                f"SELECT {JOB_COLUMNS} FROM {self.schema}.jobs WHERE id = %s", [lease.job_id]
+                f"SELECT {JOB_COLUMNS}, now() AS db_now FROM {self.schema}.jobs WHERE id = %s",
+                [lease.job_id],
             )
             row = cur.fetchone()
-        return (None, False) if row is None else (JobRow.model_validate(row), True)
+        if row is None:
+            return None
+        db_now = row.pop("db_now")
+        job = JobRow.model_validate(row)
+        # Upstream never judges a lease's age: the job looks freshly locked.
+        return Held(job.model_copy(update={"locked_at": db_now}), True, db_now)
 
     # no advisory lock was taken above, so there is none to release
     def complete(self: Fence, conn: Any, lease: Any, *, release_advisory: bool = False) -> bool:
@@ -143,16 +150,26 @@ def no_lease_check() -> None:
 
 
 def no_advisory_lock() -> None:
-    """Two deliveries of one lease may both call the function at once."""
+    """Two deliveries of one lease may both call the function at once: no advisory
+    lock, and a second delivery does not wait for a call that may still run."""
     from lqjobs.db.fence import Fence
 
+    no_start_guard()
     preflight = Fence.preflight
 
-    def unguarded(self: Fence, conn: Any, lease: Any) -> tuple[Any, bool]:
-        job, _locked = preflight(self, conn, lease)
-        return job, job is not None
+    def unguarded(self: Fence, conn: Any, lease: Any) -> Any:
+        held = preflight(self, conn, lease)
+        return None if held is None else dataclasses.replace(held, advisory=True)
 
     replace(Fence, "preflight", unguarded)
+
+
+def no_start_guard() -> None:
+    """A second delivery of a started lease takes its worker for lost at once, even
+    while the first call may still run (only the advisory lock keeps them apart)."""
+    from lqjobs.settings import Settings
+
+    replace(Settings, "call_bound_seconds", lambda self: 0.0)
 
 
 def shared_worker_id() -> None:
@@ -223,6 +240,7 @@ SABOTAGE: dict[str, Patch] = {
     "commit_before_publish": commit_before_publish,
     "no_lease_check": no_lease_check,
     "no_advisory_lock": no_advisory_lock,
+    "no_start_guard": no_start_guard,
     "shared_worker_id": shared_worker_id,
     "unauthenticated_callbacks": unauthenticated_callbacks,
     "no_callback_deadline": no_callback_deadline,

@@ -85,7 +85,7 @@ def test_broker_down_rolls_back_and_burns_no_attempt(db_url: str) -> None:
     add_jobs(db_url, "noop", 20)
     dead_broker = f"redis://127.0.0.1:{free_port()}/0"
     settings = make_settings(db_url, dead_broker)
-    running = Bridge(settings, CeleryPublisher(create_app(settings), 10.0))
+    running = Bridge(settings, CeleryPublisher(create_app(settings)))
     thread = threading.Thread(target=running.run_forever, daemon=True)
     thread.start()
     try:

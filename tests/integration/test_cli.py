@@ -71,8 +71,17 @@ def test_add_job_then_status_shows_it(db_url: str) -> None:
     status = run("--database-url", db_url, "status")
     assert status.exit_code == 0
     header, line = status.output.splitlines()[:2]
-    assert header.split() == ["task", "ready", "delayed", "locked", "failed", "oldest", "ready"]
-    assert line.split()[:5] == ["send-email", "1", "1", "0", "0"]
+    assert header.split() == [
+        "task",
+        "ready",
+        "delayed",
+        "locked",
+        "last-try",
+        "failed",
+        "oldest",
+        "ready",
+    ]
+    assert line.split()[:6] == ["send-email", "1", "1", "0", "0", "0"]
     as_json = json.loads(run("--database-url", db_url, "status", "--json").output)
     assert as_json[0]["ready"] == 1 and as_json[0]["delayed"] == 1
 

@@ -361,9 +361,10 @@ def _statement_calls() -> dict[str, Any]:
             c, "deny-test", ["no-such-task"], hour, 1, 10
         ),
         "Queue.fail_job_permanently": lambda c: queue.fail_job_permanently(c, "deny-test", 0, "x"),
+        "Queue.fail_abandoned_leases": lambda c: queue.fail_abandoned_leases(c, hour, "x"),
         "Reads.count_locked_by": lambda c: reads.count_locked_by(c, "deny-test"),
         "Reads.jobs_locked_by": lambda c: reads.jobs_locked_by(c, "deny-test", hour),
-        "Reads.queue_gauges": lambda c: reads.queue_gauges(c, None),
+        "Reads.queue_gauges": lambda c: reads.queue_gauges(c, None, hour),
         "Reads.seconds_until_next_job": lambda c: reads.seconds_until_next_job(c, None, hour),
         "Fence.preflight": lambda c: fence.preflight(c, lease),
         "Fence.release_advisory": lambda c: fence.release_advisory(c, 0),
@@ -376,6 +377,7 @@ def _statement_calls() -> dict[str, Any]:
             fence.fenced_fail(c, lease, "x", release_advisory=True),
         ),
         "Fence.fenced_fail_permanently": lambda c: fence.fenced_fail_permanently(c, lease, "x"),
+        "Fence.fenced_give_back": lambda c: fence.fenced_give_back(c, lease, "x"),
         "Fence.lock_lease_state": lambda c: fence.lock_lease_state(c, lease, lease.locked_at),
         "Scheduled.get_scheduled_job": lambda c: scheduled.get_scheduled_job(
             c, "deny-test", ["no-such-task"]

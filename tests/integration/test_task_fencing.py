@@ -4,45 +4,28 @@ the lease only."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import psycopg
 import pytest
-from psycopg_pool import ConnectionPool
 
 from lqjobs.broker_state import Claim, StartedMarks
 from lqjobs.db import Connection, JobsDB
-from lqjobs.db.fence import Fence
+from lqjobs.db.fence import Fence, Held
 from lqjobs.db.queue import Queue
-from lqjobs.executors import build_router, make_http_client
 from lqjobs.lease import Lease
 from lqjobs.metrics import render
 from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.worker import JobRunner, Result
-from tests.stack import make_settings
+from tests.runners import WORKER, lock_job, make_runner, row
 
 pytestmark = pytest.mark.integration
-TENANT = UUID("11111111-2222-3333-4444-555555555555")
-WORKER = "bridge-test-host-0000"
-
-
-class MemoryMarks(StartedMarks):
-    """StartedMarks without Redis, for driving the runner directly."""
-
-    def __init__(self) -> None:
-        super().__init__(None, timedelta(minutes=1))
-        self.started: set[str] = set()
-
-    def claim(self, lease: Lease) -> Claim:
-        if lease.task_id() in self.started:
-            return Claim.STARTED
-        self.started.add(lease.task_id())
-        return Claim.FIRST
 
 
 @pytest.fixture
@@ -53,30 +36,14 @@ def functions() -> Iterator[FunctionServer]:
 
 @pytest.fixture
 def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[JobRunner]:
-    settings = make_settings(
-        db_url, redis_url, executor="knative", knative_ingress_url=functions.url
-    )
-    pool: ConnectionPool[Connection] = ConnectionPool(
-        db_url, min_size=1, max_size=4, kwargs={"autocommit": True}, open=True
-    )
-    client = make_http_client(settings)
-    yield JobRunner(settings, pool, build_router(settings, client), MemoryMarks())
-    pool.close()
-    client.close()
+    running = make_runner(db_url, redis_url, functions)
+    yield running
+    running.close()
 
 
-def lock_job(conn: psycopg.Connection[Any], task: str, payload: Any) -> Lease:
-    jobs_db = JobsDB()
-    jobs_db.queue.add_job(conn, TENANT, task, payload)
-    job = jobs_db.queue.get_job(conn, WORKER, None)
-    assert job is not None
-    return Lease.of(job)
-
-
-def row(conn: psycopg.Connection[Any], job_id: int) -> tuple[Any, ...] | None:
-    return conn.execute(
-        "SELECT attempts, locked_by, last_error FROM app_jobs.jobs WHERE id = %s", [job_id]
-    ).fetchone()
+def before_any_running_call(runner: JobRunner, lease: Lease) -> datetime:
+    """A start time so long ago that no call started then can still be running."""
+    return lease.locked_at - timedelta(seconds=runner.settings.call_bound_seconds())
 
 
 def test_a_delivery_for_an_old_lease_is_dropped_untouched(
@@ -141,7 +108,8 @@ def test_a_redelivery_after_a_lost_worker_is_failed_not_rerun(
     conn: psycopg.Connection[Any], runner: JobRunner, functions: FunctionServer
 ) -> None:
     lease = lock_job(conn, "noop", {})
-    runner.marks.claim(lease)  # the lost worker had started the call
+    # The lost worker had started the call longer ago than any call can run.
+    runner.marks.claim(lease, before_any_running_call(runner, lease))
     assert runner.run(lease, "noop", "call-2", redelivered=True) is Result.WORKER_LOST
     attempts, locked_by, error = row(conn, lease.job_id)  # type: ignore[misc]
     assert (attempts, locked_by, error) == (1, None, "worker lost during attempt")
@@ -298,9 +266,12 @@ def test_duplicate_deliveries_overlap_only_without_the_advisory_lock(
 ) -> None:
     if not protected:  # switch the protection off: every delivery "gets" the lock
         real = Fence.preflight
-        monkeypatch.setattr(
-            Fence, "preflight", lambda self, c, lease: (real(self, c, lease)[0], True)
-        )
+
+        def unguarded(self: Fence, c: Connection, lease: Lease) -> Held | None:
+            held = real(self, c, lease)
+            return None if held is None else dataclasses.replace(held, advisory=True)
+
+        monkeypatch.setattr(Fence, "preflight", unguarded)
         # ... with the start marks unavailable too (best effort: Redis down), so the
         # advisory lock is the only protection left to switch off.
         runner.marks = StartedMarks(None, timedelta(minutes=1))
@@ -376,9 +347,10 @@ def test_a_re_published_lease_whose_call_started_is_failed_not_rerun(
     message for a started, not deferred lease is a lost call, failed under the lease."""
     lease = lock_job(conn, "noop", {})
     key = f"lqjobs:started:{lease.task_id()}"
-    assert runner.marks.claim(lease) is Claim.FIRST  # the lost worker's delivery
+    long_ago = before_any_running_call(runner, lease)
+    assert runner.marks.claim(lease, long_ago) == (Claim.FIRST, None)  # the lost worker's
     assert 0 < redis_marks.ttl(key) <= 60  # the claim expires with the lease
-    assert runner.marks.claim(lease) is Claim.STARTED
+    assert runner.marks.claim(lease, lease.locked_at) == (Claim.STARTED, long_ago)
     assert runner.run(lease, "noop", "call-2", redelivered=False) is Result.WORKER_LOST
     assert row(conn, lease.job_id) == (1, None, "worker lost during attempt")
     assert len(functions.calls) == 0
@@ -417,8 +389,8 @@ def test_the_preflight_commits_without_a_flush_and_leaves_the_session_durable(
         assert session.execute("SHOW synchronous_commit").fetchone() == ("off",)
     # ...and only for it: the fenced writes that follow on the session stay durable.
     assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
-    job, locked = jobs_db.fence.preflight(session, lease)
-    assert job is not None and locked
+    held = jobs_db.fence.preflight(session, lease)
+    assert held is not None and held.advisory
     assert session.execute("SHOW synchronous_commit").fetchone() == ("on",)
     assert jobs_db.fence.fenced_complete(session, lease, release_advisory=True)
 
@@ -430,3 +402,50 @@ def test_the_preflight_refuses_a_transaction_it_would_make_non_durable(
     session = connect()
     with session.transaction(), pytest.raises(ValueError, match="autocommit"):
         JobsDB().fence.preflight(session, lease)
+
+
+def terminate_advisory_holder(db_url: str) -> None:
+    """End the session holding a job's advisory lock, as an idle-session reaper, a
+    pooler or ``pg_terminate_backend`` would while its call runs."""
+    with psycopg.connect(db_url, autocommit=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        )
+        wait_until(
+            lambda: advisory_locks(admin) == 0, 5, "the advisory lock to go with its session"
+        )
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["start-guard", "negative-control"])
+def test_a_second_delivery_waits_while_the_call_may_run_even_without_its_session(
+    db_url: str,
+    conn: psycopg.Connection[Any],
+    runner: JobRunner,
+    functions: FunctionServer,
+    guarded: bool,
+) -> None:
+    """The first call's session (and its advisory lock) is gone mid-call; a second
+    delivery of the lease (kombu restoring unacked messages after a broker blip)
+    must not take the running call's worker for lost."""
+    if not guarded:  # only the advisory lock protects: the second delivery fails the job
+        runner.call_bound = timedelta(0)
+    lease = lock_job(conn, "slow", {"sleep": 2.0})
+    first: list[Result] = []
+    running = threading.Thread(
+        target=lambda: first.append(runner.run(lease, "slow", "call-1", redelivered=False))
+    )
+    running.start()
+    wait_for_call_in_progress(db_url)
+    terminate_advisory_holder(db_url)
+    second = runner.run(lease, "slow", "call-2", redelivered=True)
+    in_flight = running.is_alive()
+    running.join(30)
+    assert in_flight, "the second delivery must come while the first call runs"
+    if guarded:
+        assert second is Result.BUSY
+        assert first == [Result.COMPLETED]
+        assert row(conn, lease.job_id) is None
+    else:  # the oracle sees the bug: the running attempt is failed, the job freed to rerun
+        assert second is Result.WORKER_LOST
+        assert first == [Result.STALE]
+    assert len(functions.calls.calls_for(lease.job_id)) == 1
