@@ -1,4 +1,4 @@
-"""Database errors around a call (docs/design.md, F18): before the call, any error
+"""Database errors around a call (docs/design.md, F8): before the call, any error
 means "deliver again later", never ack-and-drop; after it, only the bookkeeping is
 retried, on any error, and the function is never called again for it.
 

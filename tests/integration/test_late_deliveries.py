@@ -1,4 +1,4 @@
-"""Deliveries that come late, and leases nobody will settle (docs/design.md, F19).
+"""Deliveries that come late, and leases nobody will settle (docs/design.md, F5).
 
 A message carries no Celery ``expires``: a worker whose clock runs ahead would
 discard it unrun and strand its job. The preflight judges lateness on the
