@@ -113,7 +113,9 @@ class Queue(Statements):
     ) -> LockedBatch:
         """:meth:`get_jobs` for a worker that may hold at most ``cap`` jobs: the same
         statement first counts the jobs ``worker_id`` holds, then makes at most
-        ``min(limit, cap - held)`` calls (a round trip fewer than counting apart)."""
+        ``min(limit, cap - held)`` calls (a round trip fewer than counting apart).
+        A lease older than ``job_expiry`` is not held any more (get_job may take its
+        job again): leases whose messages were lost must not fill the cap forever."""
         query = self._statement(conn, "get_jobs_under_cap", self._get_jobs_under_cap_query)
         params = {
             "worker": worker_id,
@@ -135,7 +137,7 @@ class Queue(Statements):
         return sql.SQL(
             "WITH RECURSIVE room AS ("
             "SELECT %(cap)s::int - count(*)::int AS free FROM {schema}.jobs "
-            "WHERE locked_by = %(worker)s), "
+            "WHERE locked_by = %(worker)s AND locked_at >= now() - %(expiry)s::interval), "
             "step(n, job) AS ("
             "SELECT 1, {call} FROM room WHERE free > 0 AND %(limit)s > 0 "
             "UNION ALL "

@@ -172,6 +172,35 @@ def no_start_guard() -> None:
     replace(Settings, "call_bound_seconds", lambda self: 0.0)
 
 
+def celery_expires() -> None:
+    """The old message expiry: Celery's ``expires`` set W + V after the publish on the
+    bridge's clock, judged on the worker's; a late message is discarded unrun."""
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.publisher import CeleryPublisher
+
+    headers = CeleryPublisher._headers
+    seconds = float(os.environ["LQJOBS_MAX_QUEUE_WAIT"]) + float(
+        os.environ["LQJOBS_VISIBILITY_TIMEOUT"]
+    )
+
+    def expiring(self: CeleryPublisher, job: Any, task_id: str, argsrepr: str) -> dict[str, Any]:
+        sent = headers(self, job, task_id, argsrepr)
+        sent["expires"] = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+        return sent
+
+    replace(CeleryPublisher, "_headers", expiring)
+
+
+def narrow_db_retries() -> None:
+    """Only a lost connection is worth retrying: any other database error raises out
+    of the task (Celery acknowledges it) or drops the call's outcome."""
+    import lqjobs.worker
+    from lqjobs.errors import DatabaseUnavailable
+
+    replace(lqjobs.worker, "DatabaseError", DatabaseUnavailable)
+
+
 def shared_worker_id() -> None:
     """Upstream's bridge: one fixed worker id, ``release_jobs`` at every start."""
     import bridge.loop
@@ -241,6 +270,8 @@ SABOTAGE: dict[str, Patch] = {
     "no_lease_check": no_lease_check,
     "no_advisory_lock": no_advisory_lock,
     "no_start_guard": no_start_guard,
+    "celery_expires": celery_expires,
+    "narrow_db_retries": narrow_db_retries,
     "shared_worker_id": shared_worker_id,
     "unauthenticated_callbacks": unauthenticated_callbacks,
     "no_callback_deadline": no_callback_deadline,

@@ -205,3 +205,16 @@ def test_a_worker_whose_clock_runs_ahead_runs_every_job(
         wait_until(lambda: count(db_url) == 0, 40, "every job to complete")
     assert sorted(call.job_id for call in functions.calls.all()) == ids
     assert "Discarding revoked task" not in worker.output()
+
+
+def test_expired_leases_do_not_fill_a_bridges_in_flight_cap(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """Leases whose messages were lost (no delivery will come) stop counting against
+    the bridge's cap once expired: its next pass re-takes them and goes on."""
+    expiry = timedelta(seconds=60)
+    lost = [lock_aged(conn, WORKER, expiry + timedelta(seconds=1)) for _ in range(3)]
+    batch = JobsDB().queue.get_jobs_under_cap(conn, WORKER, None, expiry, 10, cap=3)
+    assert batch.room == 3
+    assert sorted(job.id for job in batch.jobs) == sorted(lease.job_id for lease in lost)
+    assert {job.attempts for job in batch.jobs} == {2}  # get_job's expired-lock rule

@@ -10,6 +10,7 @@ from tests.chaos.cluster import Cluster
 from tests.chaos.scenarios.callbacks import r09, r10, r11, r17
 from tests.chaos.scenarios.clock import r14
 from tests.chaos.scenarios.common import Scale
+from tests.chaos.scenarios.field import r20, r21, r22, r23
 from tests.chaos.scenarios.inputs import r12, r13
 from tests.chaos.scenarios.processes import r01, r02, r03, r04, r05, r06, r07, r08, r15, r16
 from tests.chaos.scenarios.security import s_log, s_role
@@ -33,6 +34,10 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
     "R15": r15,
     "R16": r16,
     "R17": r17,
+    "R20": r20,
+    "R21": r21,
+    "R22": r22,
+    "R23": r23,
     "S-ROLE": s_role,
     "S-LOG": s_log,  # last: it greps the logs of every run before it
 }

@@ -62,8 +62,13 @@ def skewed(env: dict[str, str], offset: str) -> bool:
         text=True,
         check=True,
     )
-    hours = float(seen.stdout) - time.time()
-    return abs(hours - (2 * 3600 if offset.startswith("+") else -2 * 3600)) < 60
+    return abs(float(seen.stdout) - time.time() - offset_seconds(offset)) < 5
+
+
+def offset_seconds(offset: str) -> float:
+    """libfaketime's relative offset (``+2h``, ``-30s``) in seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    return float(offset[:-1]) * units[offset[-1]]
 
 
 def merge(results: list[Result]) -> Result:
