@@ -27,6 +27,7 @@ import redis
 from lqjobs.lease import EPOCH, Lease, to_micros
 
 STARTED_PREFIX = "lqjobs:started:"
+RECORDING_PREFIX = "lqjobs:recording:"
 DEFERRED_KEY = "lqjobs:deferred"
 MARKER_PREFIX = "lqjobs:reconcile:"
 PROBE_TIMEOUT = 5.0  # seconds: a hung Redis must not hang the bridge's loop
@@ -54,6 +55,7 @@ class Claim(enum.Enum):
 
     FIRST = "first"  # nobody started this lease's call before: make it
     STARTED = "started"  # an earlier delivery started it (its worker died mid-call)
+    RECORDING = "recording"  # an earlier delivery's call ended; it is writing the outcome
     DEFERRED = "deferred"  # an earlier delivery started it and handed it to a callback
 
 
@@ -94,7 +96,8 @@ class StartedMarks:
             pipe = self.client.pipeline(transaction=False)
             pipe.get(self._key(lease))
             pipe.zscore(self.deferred_key, lease.encode())
-            earlier, deferred_until = pipe.execute()
+            pipe.exists(RECORDING_PREFIX + lease.task_id())
+            earlier, deferred_until, recording = pipe.execute()
         except redis.RedisError:
             log.warning(
                 "could not claim the start of the call",
@@ -103,7 +106,23 @@ class StartedMarks:
             return Claim.FIRST, None
         if deferred_until is not None:
             return Claim.DEFERRED, None
+        if recording:
+            return Claim.RECORDING, None
         return Claim.STARTED, _from_micros(earlier)
+
+    def recording(self, lease: Lease, ttl: float) -> None:
+        """Say for ``ttl`` seconds (Redis' clock: no host's matters) that this lease's
+        call is over and its outcome being written, so that a second delivery waits
+        instead of taking the worker for lost. Renewed before each retry; best effort."""
+        if self.client is None:
+            return
+        try:
+            self.client.set(RECORDING_PREFIX + lease.task_id(), b"1", px=int(ttl * 1000))
+        except redis.RedisError:
+            log.warning(
+                "could not mark the outcome as being written",
+                extra={"action": "recording_mark_failed", "job_id": lease.job_id},
+            )
 
 
 def _from_micros(value: bytes | None) -> datetime:

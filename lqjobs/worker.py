@@ -60,6 +60,7 @@ from lqjobs.models import JobRow
 from lqjobs.settings import Settings
 
 log = logging.getLogger(__name__)
+RECORDING_MARGIN = 5.0  # seconds a "writing the outcome" mark outlives the next retry
 
 
 class Result(enum.Enum):
@@ -170,6 +171,12 @@ class JobRunner:
                 extra=_fields(lease, held.job.task_identifier, "deferred_duplicate"),
             )
             return Result.DUPLICATE, False
+        if claim is Claim.RECORDING:  # its worker is alive, writing the outcome
+            log.info(
+                "delivered again while its outcome is being written; retrying later",
+                extra=_fields(lease, held.job.task_identifier, "outcome_being_written"),
+            )
+            return Result.BUSY, False
         if claim is Claim.STARTED:
             return self._started_before(conn, held, lease, started_at, redelivered)
         if held.lease_age >= self.start_window:
@@ -265,6 +272,7 @@ class JobRunner:
         deadline = time.monotonic() + self.settings.job_expiry
         delay = 0.2
         while time.monotonic() + delay < deadline:
+            self.marks.recording(lease, ttl=delay + RECORDING_MARGIN)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
             try:

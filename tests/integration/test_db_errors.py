@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 
+from lqjobs.broker_state import StartedMarks
 from lqjobs.celery import create_app
 from lqjobs.db import Connection
 from lqjobs.db.base import translated_errors
@@ -248,4 +251,40 @@ def test_a_real_worker_delivers_again_after_a_read_only_window(
         )
     with worker(app, concurrency=2), bridge(make_settings(db_url, redis_url, **options), app):
         wait_until(lambda: count(db_url) == 0, 30, "the job to complete")
+    assert len(functions.calls.calls_for(lease.job_id)) == 1
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["recording-mark", "negative-control"])
+def test_a_second_delivery_waits_while_the_outcome_is_being_written(
+    conn: psycopg.Connection[Any],
+    runner: JobRunner,
+    functions: FunctionServer,
+    faults: Any,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    marked: bool,
+) -> None:
+    """The call is over but its bookkeeping keeps failing (a read-only window) past the
+    call bound; a redelivery (the visibility timeout ran out) must not take the worker,
+    alive and retrying, for lost: that would run the job a second time."""
+    client = redis.Redis.from_url(redis_url)
+    runner.marks = StartedMarks(client, timedelta(minutes=1))
+    runner.call_bound = timedelta(0)  # the call's own bound is long past
+    if not marked:
+        monkeypatch.setattr(StartedMarks, "recording", lambda self, lease, ttl: None)
+    faults(AFTER, "25006", 5)  # about 3 s of failing bookkeeping
+    lease = lock_job(conn, "noop", {})
+    first: list[Result] = []
+    writing = threading.Thread(
+        target=lambda: first.append(runner.run(lease, "noop", "call-1", redelivered=False))
+    )
+    writing.start()
+    wait_until(lambda: fired(conn) >= 2, 5, "the bookkeeping to fail")
+    second = runner.run(lease, "noop", "call-2", redelivered=True)
+    writing.join(30)
+    client.close()
+    if marked:
+        assert (second, first) == (Result.BUSY, [Result.COMPLETED])
+    else:  # the oracle sees the bug: the live attempt is failed as lost, its outcome dropped
+        assert (second, first) == (Result.WORKER_LOST, [Result.STALE])
     assert len(functions.calls.calls_for(lease.job_id)) == 1
