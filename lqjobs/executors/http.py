@@ -2,7 +2,8 @@
 
 :class:`_HttpExecutor` validates, builds the request (its subclasses say where to),
 POSTs once and maps the reply to an outcome. ``httpx.HTTPError`` is caught here and
-nowhere else: a network failure is a :class:`Failed`, never an exception.
+nowhere else: a network failure is a :class:`Failed`, never an exception. The whole
+exchange, connect to the last byte read, has one deadline (:mod:`.deadline`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ from lqjobs.executors.base import (
     log_outcome,
     log_refused,
 )
+from lqjobs.executors.deadline import (
+    DeadlineExceeded,
+    DeadlineTransport,
+    check_deadline,
+    exchange_deadline,
+)
 from lqjobs.logs import one_line
 from lqjobs.settings import Settings
 
@@ -54,7 +61,10 @@ class FunctionClient:
     called directly. ``httpx.Client`` around it (cookie jar, auth, redirects, URL
     merging) cost a third of each call's CPU and does nothing for one POST to a
     function. A transport never follows a redirect and never reads proxy settings
-    from the environment."""
+    from the environment.
+
+    ``deadline``: seconds for a whole exchange, the connect timeout plus the read
+    timeout (T_http in docs/design.md, section 6), however the reply trickles in."""
 
     DEFAULT_HEADERS: ClassVar[Mapping[str, str]] = {
         "User-Agent": "lqjobs",
@@ -63,6 +73,7 @@ class FunctionClient:
 
     def __init__(self, timeout: httpx.Timeout, transport: httpx.BaseTransport) -> None:
         self.timeout = timeout
+        self.deadline = _whole_exchange(timeout)
         self._transport = transport
         self._extensions = {"timeout": timeout.as_dict()}
 
@@ -71,7 +82,8 @@ class FunctionClient:
         self, url: httpx.URL, headers: Mapping[str, str], body: bytes
     ) -> Iterator[httpx.Response]:
         """POST ``body``; the response's body is read from the stream, at most as much
-        as the caller asks for, and the connection goes back to the pool on exit."""
+        as the caller asks for, and the connection goes back to the pool on exit.
+        Everything until then shares the deadline: past it, :class:`DeadlineExceeded`."""
         request = httpx.Request(
             "POST",
             url,
@@ -79,11 +91,12 @@ class FunctionClient:
             content=body,
             extensions=self._extensions,
         )
-        response = self._transport.handle_request(request)
-        try:
-            yield response
-        finally:
-            response.close()
+        with exchange_deadline(self.deadline):
+            response = self._transport.handle_request(request)
+            try:
+                yield response
+            finally:
+                response.close()
 
     def close(self) -> None:
         self._transport.close()
@@ -100,13 +113,18 @@ class FunctionClient:
         self.close()
 
 
+def _whole_exchange(timeout: httpx.Timeout) -> float | None:
+    if timeout.connect is None or timeout.read is None:
+        return None
+    return timeout.connect + timeout.read
+
+
 def make_http_client(settings: Settings) -> FunctionClient:
     """The one pooled client every HTTP executor shares."""
     # identity encoding (FunctionClient.DEFAULT_HEADERS): a compressed reply could
     # expand far past MAX_RESPONSE_BYTES per chunk.
-    transport = httpx.HTTPTransport(
-        limits=httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30),
-        trust_env=False,  # no SSL_CERT_FILE / SSL_CERT_DIR from the environment either
+    transport = DeadlineTransport(
+        httpx.Limits(max_connections=64, max_keepalive_connections=16, keepalive_expiry=30)
     )
     timeout = httpx.Timeout(settings.http_timeout, connect=settings.http_connect_timeout)
     return FunctionClient(timeout, transport)
@@ -120,6 +138,8 @@ def _post(client: FunctionClient, request: _Request, task: str) -> _Reply | Fail
         with client.post(request.url, request.headers, request.body) as response:
             job_error = response.headers.get("x-job-error", "").strip().lower() == "true"
             return _Reply(response.status_code, job_error, _read_prefix(response))
+    except DeadlineExceeded:
+        return Failed(f"timeout after {client.deadline:g}s (whole exchange) calling {task}")
     except httpx.TimeoutException as exc:
         return Failed(_timeout_message(client.timeout, exc, task))
     except httpx.ConnectError as exc:
@@ -134,6 +154,7 @@ def _read_prefix(response: httpx.Response) -> bytes:
         body += chunk
         if len(body) >= MAX_RESPONSE_BYTES:
             break
+        check_deadline()  # holds over a transport that does not bound its reads itself
     return bytes(body[:MAX_RESPONSE_BYTES])
 
 

@@ -30,6 +30,11 @@ given as ``FunctionServer(tasks={"slow": {"sleep": 1}})``:
 ``callback_copies``: int  async: post the callback this many times (a retrying proxy)
 ``callback_delay``: seconds  async: wait this long before posting the callback
 ``late_calls``: int       async: only the first N calls of a job wait ``callback_delay`` (0: all)
+``trickle``: seconds      sync: send the reply one byte per this many seconds, for 5 minutes
+                          (the body is padded with spaces); recorded once it ends, with status
+                          499 if the caller hung up first
+``trickle_headers``: bool  trickle the status line and headers too (else they go at once)
+``trickle_calls``: int    only the first N calls of a job trickle (0: all)
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import select
+import socket
 import threading
 import time
 import uuid
@@ -54,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 _ECHOED = ("X-Worker-Id", "X-Job-Id", "X-Database-Id")
 _MAX_BODY = 8 * 1024 * 1024
+_TRICKLE_SECONDS = 300  # a trickled reply ends by itself after this long
+_HUNG_UP = 499  # the status recorded for a reply its caller did not wait for
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,8 @@ class _Reply:
     status: int
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    pace: float = 0.0  # > 0: trickled, one byte per ``pace`` seconds
+    pace_headers: bool = False  # the status line and headers trickle too
 
 
 @dataclass(frozen=True)
@@ -160,9 +171,40 @@ class FunctionServer:
         if behaviour.unreachable:
             return None
         reply = self._run(call, behaviour)
-        if reply is not None:
+        if reply is not None and not reply.pace:  # a trickle is recorded once it ends
             self._record(call, reply)
         return reply
+
+    def trickle(self, call: _Call, reply: _Reply, sock: socket.socket) -> None:
+        """Send ``reply`` on ``sock`` one byte at a time, then record the call: its end is
+        when the last byte went out, the caller hung up or the server stopped."""
+        body = reply.body.ljust(int(_TRICKLE_SECONDS / reply.pace))
+        head = _head(reply, len(body))
+        slow = head + body if reply.pace_headers else body
+        status = reply.status
+        try:
+            if not reply.pace_headers:
+                sock.sendall(head)
+            for at in range(len(slow)):
+                if self._hung_up(sock, reply.pace):
+                    status = 0 if self._stopping.is_set() else _HUNG_UP
+                    break
+                sock.sendall(slow[at : at + 1])
+        except OSError:  # reset by the caller
+            status = _HUNG_UP
+        self._record(call, _Reply(status))
+
+    def _hung_up(self, sock: socket.socket, wait: float) -> bool:
+        """Wait ``wait`` seconds; True as soon as the caller closed or the server stops."""
+        readable, _, _ = select.select([sock], [], [], wait)
+        if self._stopping.is_set():
+            return True
+        if not readable:
+            return False
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
     # -- the function --------------------------------------------------------------
 
@@ -197,7 +239,10 @@ class FunctionServer:
             return _Reply(
                 behaviour.status, headers, _json({"message": f"status {behaviour.status}"})
             )
-        return _Reply(200, headers, _json({"complete": True, "task": call.task}))
+        body = _json({"complete": True, "task": call.task})
+        if behaviour.trickle > 0 and nth <= (behaviour.trickle_calls or nth):
+            return _Reply(200, headers, body, behaviour.trickle, behaviour.trickle_headers)
+        return _Reply(200, headers, body)
 
     def calls_in_progress(self) -> int:
         """Calls started and not yet in ``calls`` (a hang is recorded as it starts)."""
@@ -309,6 +354,15 @@ def _post(url: str, headers: Mapping[str, str], body: bytes) -> int | None:
         connection.close()
 
 
+def _head(reply: _Reply, length: int) -> bytes:
+    """The status line and headers of ``reply``, as ``_Handler._answer`` sends them."""
+    phrase = http.client.responses.get(reply.status, "")
+    lines = [f"HTTP/1.1 {reply.status} {phrase}"]
+    lines += [f"{name}: {value}" for name, value in reply.headers.items()]
+    lines += [f"Content-Length: {length}", "", ""]
+    return "\r\n".join(lines).encode("latin-1")
+
+
 def _json(value: Any) -> bytes:
     return json.dumps(value).encode()
 
@@ -350,9 +404,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer(_Reply(404, {}, _json({"message": "no such function"})))
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
-        reply = app.handle(_Call(found[0], found[1], headers, body))
+        call = _Call(found[0], found[1], headers, body)
+        reply = app.handle(call)
         if reply is None:
             self.close_connection = True
+        elif reply.pace:
+            self.close_connection = True
+            app.trickle(call, reply, self.connection)
         else:
             self._answer(reply)
 

@@ -29,6 +29,9 @@ class Behaviour:
     callback_copies: int = 1
     callback_delay: float = 0.0
     late_calls: int = 0
+    trickle: float = 0.0
+    trickle_headers: bool = False
+    trickle_calls: int = 0
 
     @classmethod
     def from_options(cls, *layers: Mapping[str, Any]) -> Behaviour:
@@ -41,7 +44,8 @@ class Behaviour:
 
 @dataclass(frozen=True)
 class CallRecord:
-    """One call of a function. ``status`` 0: it never answered (``hang``).
+    """One call of a function. ``status`` 0: it never answered (``hang``); 499: the
+    caller hung up before the reply was complete (``trickle``).
 
     Async calls are recorded once the callback was posted (``callback_status``)
     or deliberately dropped (``callback_status`` None).

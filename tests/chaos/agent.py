@@ -19,13 +19,14 @@ worker``). With them it first installs, in this process only:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
 import random
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from psycopg.rows import dict_row
@@ -265,6 +266,17 @@ def task_name_in_url() -> None:
     replace(KnativeExecutor, "_request", request)
 
 
+def no_exchange_deadline() -> None:
+    """httpx's timeouts alone: each read is bounded, the whole call is not."""
+    from lqjobs.executors import http
+
+    @contextlib.contextmanager
+    def unbounded(seconds: float | None) -> Iterator[None]:
+        yield
+
+    replace(http, "exchange_deadline", unbounded)
+
+
 SABOTAGE: dict[str, Patch] = {
     "commit_before_publish": commit_before_publish,
     "no_lease_check": no_lease_check,
@@ -276,6 +288,7 @@ SABOTAGE: dict[str, Patch] = {
     "unauthenticated_callbacks": unauthenticated_callbacks,
     "no_callback_deadline": no_callback_deadline,
     "task_name_in_url": task_name_in_url,
+    "no_exchange_deadline": no_exchange_deadline,
 }
 
 

@@ -10,8 +10,21 @@ from typing import Any
 import psycopg
 import pytest
 
+from lqjobs.celery import create_app
+from lqjobs.lease import TASK_NAME
+from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
-from tests.stack import TENANT, add_jobs, count, make_settings, stack, wait_for_empty_queue
+from tests.stack import (
+    TENANT,
+    add_jobs,
+    bridge,
+    count,
+    flush_broker,
+    make_settings,
+    stack,
+    wait_for_empty_queue,
+    worker,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +111,32 @@ def test_a_permanent_failure_is_parked_after_one_call(
     assert len(functions.calls.calls_for(job_id)) == 1
 
 
-def wait_until_unlocked(db_url: str) -> None:
-    from lqjobs.ops.embedded import wait_until
+def test_a_trickling_function_fails_each_attempt_at_the_http_deadline(
+    db_url: str, redis_url: str, functions: FunctionServer
+) -> None:
+    # T_http 0.5 + 1 s; the soft limit is 8 s, V 20 s, the lease 60 s
+    settings = make_settings(
+        db_url, redis_url, http_connect_timeout=0.5, http_timeout=1.0, **knative(functions)
+    )
+    [job_id] = add_jobs(db_url, "trickle", 1, {"trickle": 0.3}, max_attempts=2)
+    flush_broker(redis_url)
+    app = create_app(settings)
+    with worker(app), bridge(settings, app):
+        parked = f"id = {job_id} AND attempts = 2 AND locked_by IS NULL"
+        wait_until(lambda: count(db_url, parked) == 1, 30, "the trickling job to be parked")
+        calls = functions.calls.wait_for_calls(2, timeout=5, job_id=job_id)
+        results = dict(app.tasks[TASK_NAME].runners.get().results)
+    assert results == {"failed": 2}  # each attempt's outcome recorded, none dropped as stale
+    assert [call.attempt for call in calls] == [1, 2]
+    for call in calls:  # each hung up on at the deadline, well inside the soft limit
+        assert call.status == 499
+        assert call.ended - call.started < 1.5 + 0.5
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        (error,) = conn.execute(
+            "SELECT last_error FROM app_jobs.jobs WHERE id = %s", [job_id]
+        ).fetchone()
+    assert error == "timeout after 1.5s (whole exchange) calling trickle"
 
+
+def wait_until_unlocked(db_url: str) -> None:
     wait_until(lambda: count(db_url, "locked_by IS NOT NULL") == 0, 20, "jobs to be unlocked")

@@ -339,6 +339,27 @@ def test_a_hanging_function_becomes_a_timeout(functions: FunctionServer) -> None
     assert call.status == 0  # the function was reached and never answered
 
 
+@pytest.mark.parametrize("trickled", [{}, {"trickle_headers": True}], ids=["body", "headers"])
+def test_a_trickling_function_is_cut_off_at_the_whole_exchange_deadline(
+    functions: FunctionServer, trickled: dict[str, bool]
+) -> None:
+    # a byte every 0.3 s never trips the 1 s read timeout: only the deadline ends the call
+    settings = Settings(http_connect_timeout=0.5, http_timeout=1.0)
+    deadline = 1.5
+    with make_http_client(settings) as short:
+        executor = OpenFaaSExecutor(short, functions.url, asynchronous=False)
+        started = time.monotonic()
+        outcome = executor.invoke(job(payload=json.dumps({"trickle": 0.3, **trickled})))
+        elapsed = time.monotonic() - started
+        # recorded once the function saw its connection closed, the client still open
+        (call,) = functions.calls.wait_for_calls(1, timeout=2)
+        assert executor.invoke(job()) == Done()  # the pool's next connection is sound
+    assert outcome == Failed("timeout after 1.5s (whole exchange) calling send-email")
+    assert deadline <= elapsed < deadline + 0.5
+    assert call.status == 499  # the caller hung up before the reply was complete
+    assert call.ended - started < deadline + 0.5
+
+
 def test_a_closed_port_is_a_retryable_connection_failure(client: FunctionClient) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -10,7 +10,9 @@ import logging
 import random
 import re
 import string
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -37,6 +39,7 @@ from lqjobs.executors import (
     classify_status,
     make_http_client,
 )
+from lqjobs.executors.deadline import DeadlineExceeded
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 
@@ -332,6 +335,7 @@ def test_openfaas_rejects_a_bad_gateway_url(gateway: str) -> None:
         (httpx.ConnectError("[Errno 111] Connection refused"), "connection failed: send-email"),
         (httpx.RemoteProtocolError("Server disconnected"), "transport error: send-email"),
         (httpx.ReadError("reset"), "transport error: send-email"),
+        (DeadlineExceeded("passed"), "timeout after 35s (whole exchange) calling send-email"),
     ],
 )
 def test_transport_errors_become_retryable_failures(exc: Exception, prefix: str) -> None:
@@ -340,6 +344,34 @@ def test_transport_errors_become_retryable_failures(exc: Exception, prefix: str)
     outcome = executor.invoke(invocation())
     assert isinstance(outcome, Failed) and not outcome.permanent
     assert outcome.message.startswith(prefix)
+
+
+class Trickle(httpx.SyncByteStream):
+    """A body that comes one byte every 50 ms, for ten seconds."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[bytes]:
+        for _ in range(200):
+            if self.closed.wait(0.05):
+                return
+            yield b" "
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_a_body_trickling_past_the_deadline_fails_over_any_transport() -> None:
+    body = Trickle()
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, stream=body))
+    client = FunctionClient(httpx.Timeout(0.2, connect=0.1), transport)
+    executor = OpenFaaSExecutor(client, "http://gateway:8080", asynchronous=False)
+    started = time.monotonic()
+    outcome = executor.invoke(invocation())
+    assert outcome == Failed("timeout after 0.3s (whole exchange) calling send-email")
+    assert time.monotonic() - started < 0.3 + 0.2
+    assert body.closed.is_set()
 
 
 # -- Knative -----------------------------------------------------------------------------
@@ -625,6 +657,7 @@ def test_http_client_takes_its_timeouts_from_settings() -> None:
     settings = Settings(http_connect_timeout=2.5, http_timeout=12)
     with make_http_client(settings) as client:
         assert client.timeout == httpx.Timeout(12, connect=2.5)
+        assert client.deadline == 14.5  # T_http: the whole exchange
 
 
 def test_http_client_never_reads_proxy_settings(monkeypatch: pytest.MonkeyPatch) -> None:

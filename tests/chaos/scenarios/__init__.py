@@ -14,6 +14,7 @@ from tests.chaos.scenarios.field import r20, r21, r22, r23
 from tests.chaos.scenarios.inputs import r12, r13
 from tests.chaos.scenarios.processes import r01, r02, r03, r04, r05, r06, r07, r08, r15, r16
 from tests.chaos.scenarios.security import s_log, s_role
+from tests.chaos.scenarios.trickle import r18
 from tests.chaos.scoreboard import Row
 
 SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
     "R15": r15,
     "R16": r16,
     "R17": r17,
+    "R18": r18,
     "R20": r20,
     "R21": r21,
     "R22": r22,
