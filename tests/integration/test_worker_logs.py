@@ -74,12 +74,12 @@ def environment(db_url: str, redis_url: str, functions: FunctionServer) -> dict[
 
 
 def quiet_worker(
-    env: dict[str, str], logs: Path, name: str = "worker", app: str = "tasks"
+    env: dict[str, str], logs: Path, name: str = "worker", app: str = "tasks", *options: str
 ) -> processes.Process:
     """``celery -q -A <app> worker`` at INFO: no banner, so every line is a log line."""
     argv = [sys.executable, "-m", "celery", "-q", "-A", app, "worker", "--pool", "threads"]
     argv += ["--concurrency", "2", "--loglevel", "INFO", "--hostname", f"{name}@%h"]
-    argv += ["--without-heartbeat", "--without-mingle", "--without-gossip"]
+    argv += ["--without-heartbeat", "--without-mingle", "--without-gossip", *options]
     return processes.Process(name, argv, env, logs)
 
 
@@ -180,9 +180,14 @@ def test_the_worker_escapes_a_raw_shadow_from_any_publisher(
     flush_broker(redis_url)
     send(make_settings(db_url, redis_url), lease(424242), RAW)
     env = processes.environment(db_url, redis_url)
-    with processes.running(quiet_worker(env, tmp_path)) as (worker,):
-        wait_until(lambda: "stale delivery dropped" in worker.output(), 20, "the delivery")
-    log = worker.output()
+    logfile = tmp_path / "worker-file.log"  # --logfile is honoured too
+    with processes.running(quiet_worker(env, tmp_path, "worker", "tasks", "-f", str(logfile))):
+        wait_until(
+            lambda: logfile.exists() and "stale delivery dropped" in logfile.read_text(),
+            20,
+            "the delivery",
+        )
+    log = logfile.read_text()
     assert_one_line_records(log)
     assert "Task raw\\n[2026-01-01 00:00:00,000: ERROR/MainProcess] FORGED" in log
     stale = next(line for line in log.splitlines() if "action=stale_dropped" in line)
