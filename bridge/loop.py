@@ -36,6 +36,7 @@ from lqjobs.db.queue import LockedBatch, Queue, UnreadableRow
 from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
 from lqjobs.listening import Listener, ServiceLoop
+from lqjobs.logs import escaped
 from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
@@ -205,7 +206,7 @@ class Bridge:
             extra={
                 "action": "payload_too_large",
                 "job_id": job.id,
-                "task": job.task_identifier,
+                "task": escaped(job.task_identifier),
                 "database_id": str(job.database_id),
                 "worker_id": self.worker_id,
                 "bytes": size,

@@ -30,6 +30,7 @@ from celery.utils.nodenames import anon_nodename
 from kombu.entity import Queue
 
 from lqjobs.lease import TASK_NAME, Lease
+from lqjobs.logs import escaped
 from lqjobs.models import JobRow
 
 # The fourth element of a protocol-2 body: no workflow around the task.
@@ -83,7 +84,7 @@ class CeleryPublisher:
             "lang": "py",
             "task": TASK_NAME,
             "id": task_id,
-            "shadow": job.task_identifier,  # Flower and logs show the job's task
+            "shadow": shown_name(job.task_identifier),
             "eta": None,
             "expires": None,
             "group": None,
@@ -110,10 +111,18 @@ class CeleryPublisher:
                     args=lease.message_args(job.task_identifier, str(job.database_id)),
                     argsrepr=lease.describe(str(job.database_id)),
                     task_id=lease.task_id(),
-                    shadow=job.task_identifier,
+                    shadow=shown_name(job.task_identifier),
                     producer=producer,
                     retry=False,
                 )
+
+
+def shown_name(task_identifier: str) -> str:
+    """The job's task name as Flower and Celery's log lines show it (the ``shadow``
+    header). Any role that may call ``add_job`` chooses it, and Celery logs it raw,
+    so control characters are escaped: a newline in a name cannot forge a log line
+    (docs/design.md, S3). The worker reads the name from the row, unchanged."""
+    return escaped(task_identifier)
 
 
 def _direct_queue(app: Celery) -> Queue | None:

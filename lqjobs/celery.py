@@ -1,22 +1,29 @@
-"""lqjobs on Celery: the task that runs app_jobs jobs, its configuration, and the app.
+"""lqjobs on Celery: the task that runs app_jobs jobs, its configuration, the app,
+and the worker's log format.
 
-``celery -A tasks worker`` builds the app with :func:`create_app`; an existing
-Celery shop calls :func:`register` on its own app instead. Nothing here imports
-a top-level ``tasks`` module, so a project's own ``tasks.py`` cannot shadow it.
+``celery -A tasks worker`` builds the app with :func:`create_app` and logs in
+lqjobs' format (:func:`install_log_format`); an existing Celery shop calls
+:func:`register` on its own app instead, which leaves its logging alone. Nothing
+here imports a top-level ``tasks`` module, so a project's own ``tasks.py`` cannot
+shadow it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from logging.handlers import WatchedFileHandler
+from typing import Any, Literal
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 
 from lqjobs.broker_state import is_redis
 from lqjobs.errors import ConfigurationError
 from lqjobs.lease import TASK_NAME, Lease
+from lqjobs.logs import KeyValueFormatter
 from lqjobs.settings import Settings, load_settings
 from lqjobs.transport import TRANSPORT_PATH
 from lqjobs.worker import JobRunner, Result, build_runner
@@ -156,4 +163,55 @@ def create_app(settings: Settings | None = None) -> Celery:
     return app
 
 
-__all__ = ["TASK_NAME", "celery_config", "create_app", "register"]
+# -- the worker's log format ----------------------------------------------------------
+
+# Celery passes its message's context again as the extra ``data``: not repeated.
+_OMIT = ("data",)
+
+
+def install_log_format(scope: Literal["worker", "lqjobs"] = "worker") -> None:
+    """Log the worker in lqjobs' format (``key=value`` fields, every line escaped),
+    through Celery's logging signals; call it before the worker starts.
+
+    ``"worker"`` (what ``celery -A tasks worker`` does) replaces Celery's logging
+    setup: every record of the process, Celery's own included, goes to stderr (or
+    ``--logfile``) in lqjobs' format at ``--loglevel``. ``"lqjobs"`` is the opt-in for
+    a host app that keeps its own format: after Celery's setup only lqjobs' loggers
+    get a handler in lqjobs' format (and stop propagating, so no line shows twice).
+    The signals are process-wide, so this is a choice for the process, not an app;
+    :func:`register` never makes it.
+    """
+    if scope == "worker":
+        signals.setup_logging.connect(_log_whole_worker, weak=False, dispatch_uid=__name__)
+    else:
+        signals.after_setup_logger.connect(_log_lqjobs_only, weak=False, dispatch_uid=__name__)
+
+
+def _log_whole_worker(
+    loglevel: int | str | None = None, logfile: str | None = None, **_: Any
+) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = [_handler(logfile)]
+    if loglevel:
+        root.setLevel(loglevel)
+
+
+def _log_lqjobs_only(logfile: str | None = None, **_: Any) -> None:
+    own = logging.getLogger("lqjobs")
+    if not any(isinstance(h.formatter, KeyValueFormatter) for h in own.handlers):
+        own.addHandler(_handler(logfile))
+    own.propagate = False
+
+
+def _handler(logfile: str | None) -> logging.Handler:
+    """Where Celery would write: ``--logfile``, else the process's real stderr."""
+    handler: logging.Handler = (
+        WatchedFileHandler(logfile, encoding="utf-8")
+        if logfile
+        else logging.StreamHandler(sys.__stderr__)
+    )
+    handler.setFormatter(KeyValueFormatter(omit=_OMIT))
+    return handler
+
+
+__all__ = ["TASK_NAME", "celery_config", "create_app", "install_log_format", "register"]

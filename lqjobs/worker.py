@@ -55,6 +55,7 @@ from lqjobs.executors import (
     make_http_client,
 )
 from lqjobs.lease import Lease
+from lqjobs.logs import escaped
 from lqjobs.metrics import MetricsServer, Sample, counter_samples, serve
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
@@ -339,7 +340,7 @@ def _fields(lease: Lease, task: str, action: str) -> dict[str, Any]:
     return {
         "action": action,
         "job_id": lease.job_id,
-        "task": task,
+        "task": escaped(task),
         "worker_id": lease.worker_id,
         "attempt": lease.attempts,
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
 from lqjobs.errors import ExecutorError
-from lqjobs.logs import one_line
+from lqjobs.logs import escaped, one_line
 
 # One logger for the whole package, under the name it has always had.
 logger = logging.getLogger("lqjobs.executors")
@@ -145,7 +145,7 @@ def log_outcome(
             "action": "function_failed" if failed else "function_invoked",
             "executor": executor,
             "job_id": invocation.job_id,
-            "task": one_line(str(invocation.task_identifier), 80),
+            "task": escaped(str(invocation.task_identifier)),
             "attempt": invocation.attempt,
             "outcome": type(outcome).__name__.lower(),
             "permanent": permanent,
@@ -162,7 +162,7 @@ def log_refused(executor: str, invocation: Invocation, reason: str) -> None:
             "action": "invocation_refused",
             "executor": executor,
             "job_id": invocation.job_id,
-            "task": one_line(str(invocation.task_identifier), 80),
+            "task": escaped(str(invocation.task_identifier)),
             "reason": reason,
         },
     )

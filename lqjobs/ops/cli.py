@@ -19,6 +19,7 @@ import click
 
 from lqjobs import db
 from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
+from lqjobs.logs import escaped
 from lqjobs.metrics import Sample, serve
 from lqjobs.ops import migrate, roles
 from lqjobs.settings import Settings, load_settings, redact_url
@@ -215,7 +216,7 @@ def status_command(ctx: Context, as_json: bool) -> None:
     header = ("task", "ready", "delayed", "locked", "last-try", "failed", "oldest ready")
     table = [header] + [
         (
-            r.task_identifier,
+            escaped(r.task_identifier),  # chosen by any add_job caller: one table line
             str(r.ready),
             str(r.delayed),
             str(r.locked),

@@ -27,6 +27,7 @@ from typing import Any, TextIO
 
 from lqjobs import db
 from lqjobs.errors import ConfigurationError
+from lqjobs.logs import escaped
 from lqjobs.ops import migrate
 from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 from lqjobs.settings import Settings, redact_url
@@ -239,8 +240,8 @@ class Progress:
             pending = reads.existing_job_ids(conn, sorted(self.demo_ids))
         done = len(self.demo_ids) - len(pending)
         parts = [
-            f"{r.task_identifier}: {r.ready} ready, {r.delayed} waiting, {r.locked} running,"
-            f" {r.failed_permanently} failed"
+            f"{escaped(r.task_identifier)}: {r.ready} ready, {r.delayed} waiting, "
+            f"{r.locked} running, {r.failed_permanently} failed"
             for r in rows
         ]
         line = f"demo {done}/{len(self.demo_ids)} done | " + (" | ".join(parts) or "queue empty")

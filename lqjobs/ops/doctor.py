@@ -16,6 +16,7 @@ import redis
 from lqjobs import db
 from lqjobs.broker_state import is_redis
 from lqjobs.errors import LqJobsError
+from lqjobs.logs import escaped
 from lqjobs.settings import Settings, redact_url
 
 
@@ -176,7 +177,7 @@ def check_schedules(settings: Settings) -> list[Finding]:
         Finding(
             "schedules",
             Level.WARN,
-            f"scheduled job {item.id} ({item.task}): {', '.join(item.flags)}",
+            f"scheduled job {item.id} ({escaped(item.task)}): {', '.join(item.flags)}",
         )
         for item in flagged
     ]

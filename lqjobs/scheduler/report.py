@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lqjobs.logs import escaped
 from lqjobs.models import ScheduledJobStatus
 from lqjobs.scheduler.rules import InvalidSchedule, parse_schedule
 
@@ -50,8 +51,8 @@ class ScheduleReport(BaseModel):
         """The table row: id, task, rule, next fire, held by, flags."""
         return (
             str(self.id),
-            self.task,
-            self.rule or f"({self.problem})",
+            escaped(self.task),  # names and rules come from add_scheduled_job callers
+            escaped(self.rule or f"({self.problem})"),
             self.next_fire.isoformat(timespec="seconds") if self.next_fire else "-",
             self.held_by or "-",
             ",".join(self.flags) or "ok",

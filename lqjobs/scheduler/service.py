@@ -37,7 +37,7 @@ from lqjobs.db import Connection
 from lqjobs.db.scheduled import Scheduled
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from lqjobs.listening import Listener, ServiceLoop
-from lqjobs.logs import clean_text
+from lqjobs.logs import clean_text, escaped
 from lqjobs.models import AlreadyScheduled, ScheduledJobRow
 from lqjobs.scheduler.rules import InvalidSchedule
 from lqjobs.scheduler.timers import Timer, Timers
@@ -93,7 +93,7 @@ class _RowLog:
         extra = {
             "action": action,
             "scheduled_job_id": sid,
-            "task": task,
+            "task": escaped(task),
             "worker_id": self.worker_id,
         }
         log.log(level, clean_text(message, 500), extra=extra | more)

@@ -277,6 +277,51 @@ def no_exchange_deadline() -> None:
     replace(http, "exchange_deadline", unbounded)
 
 
+def wake_on_expired_locks() -> None:
+    """The wake timer before issue #14's fix: a job whose lock expired is due now,
+    even when another job holds its serial queue and get_job cannot take it."""
+    from psycopg import sql
+
+    from lqjobs.db.base import tasks_param
+    from lqjobs.db.reads import Reads
+
+    def seconds_until_next_job(
+        self: Reads, conn: Any, task_identifiers: Any, job_expiry: Any
+    ) -> float | None:
+        query = sql.SQL(
+            """
+            SELECT extract(epoch FROM least(
+                (SELECT min(run_at) FROM {schema}.jobs
+                  WHERE locked_at IS NULL AND attempts < max_attempts AND run_at > now()
+                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s))),
+                (SELECT min(locked_at) + %(expiry)s::interval FROM {schema}.jobs
+                  WHERE locked_at IS NOT NULL AND attempts < max_attempts
+                    AND (%(tasks)s::text[] IS NULL OR task_identifier = ANY(%(tasks)s)))
+            ) - now())::float8
+            """
+        ).format(schema=self._schema)
+        params = {"tasks": tasks_param(task_identifiers), "expiry": job_expiry}
+        row = conn.execute(query, params).fetchone()
+        return None if row is None or row[0] is None else max(0.0, float(row[0]))
+
+    replace(Reads, "seconds_until_next_job", seconds_until_next_job)
+
+
+def strict_rows() -> None:
+    """Rows parsed as before issue #14's fix: ``created_at`` / ``updated_at`` required
+    and a row that fits no JobRow raised out of the bridge's pass."""
+    from datetime import datetime
+
+    from lqjobs.db import queue
+    from lqjobs.models import JobRow
+
+    class StrictJobRow(JobRow):
+        created_at: datetime
+        updated_at: datetime
+
+    replace(queue, "read_job", lambda row: StrictJobRow.model_validate(row))
+
+
 SABOTAGE: dict[str, Patch] = {
     "commit_before_publish": commit_before_publish,
     "no_lease_check": no_lease_check,
@@ -289,6 +334,8 @@ SABOTAGE: dict[str, Patch] = {
     "no_callback_deadline": no_callback_deadline,
     "task_name_in_url": task_name_in_url,
     "no_exchange_deadline": no_exchange_deadline,
+    "wake_on_expired_locks": wake_on_expired_locks,
+    "strict_rows": strict_rows,
 }
 
 

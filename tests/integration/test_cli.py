@@ -11,7 +11,9 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
+from lqjobs.db import JobsDB
 from lqjobs.ops.cli import EXIT_CONFIG, main
+from tests.stack import TENANT
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +86,20 @@ def test_add_job_then_status_shows_it(db_url: str) -> None:
     assert line.split()[:6] == ["send-email", "1", "1", "0", "0", "0"]
     as_json = json.loads(run("--database-url", db_url, "status", "--json").output)
     assert as_json[0]["ready"] == 1 and as_json[0]["delayed"] == 1
+
+
+def test_status_shows_a_hostile_task_name_on_its_one_line(db_url: str) -> None:
+    """A task name is anyone's who may call add_job: a newline or a terminal escape in
+    it must not add a forged row to the operator's table (docs/design.md, S3)."""
+    hostile = "evil\nsend-email  0  0  0  0  -\x1b[2J"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        JobsDB().queue.add_job(conn, TENANT, hostile)
+    status = run("--database-url", db_url, "status")
+    assert status.exit_code == 0 and "\x1b" not in status.output
+    _header, line, *rest = status.output.splitlines()
+    assert not rest and line.split()[0] == "evil\\nsend-email"
+    shown = json.loads(run("--database-url", db_url, "status", "--json").output)
+    assert shown[0]["task_identifier"] == hostile
 
 
 def test_add_job_rejects_bad_json_clearly(db_url: str) -> None:

@@ -83,6 +83,22 @@ def test_a_direct_message_is_the_message_send_task_sends(redis_url: str) -> None
     assert direct["headers"]["shadow"] == "send-email"
 
 
+def test_the_shown_name_is_escaped_and_the_argument_is_the_job_s_own(redis_url: str) -> None:
+    """Celery logs the ``shadow`` header and Flower shows it: a newline or an ANSI
+    escape in a task name is escaped there (docs/design.md, S3); the task argument
+    keeps the name as the row has it."""
+    flush_broker(redis_url)
+    app = create_app(make_settings("postgresql://nobody@127.0.0.1/none", redis_url))
+    publisher = CeleryPublisher(app, 180.0)
+    hostile = "fine\n[2026-01-01 00:00:00,000: ERROR/MainProcess] forged\x1b[31m"
+    publisher.publish([job_row(9, hostile)])
+    publisher._publish_with_send_task([job_row(10, hostile)])
+    for message in raw_messages(redis_url):
+        shown = "fine\\n[2026-01-01 00:00:00,000: ERROR/MainProcess] forged\\x1b[31m"
+        assert message["headers"]["shadow"] == shown
+        assert message["body"][0][4] == hostile
+
+
 def test_routes_are_honoured(redis_url: str) -> None:
     settings = make_settings("postgresql://nobody@127.0.0.1/none", redis_url)
     flush_broker(redis_url)

@@ -111,3 +111,17 @@ def test_schedules_with_none(db_url: str) -> None:
     result = CliRunner().invoke(main, ["--database-url", db_url, "schedules"])
     assert result.exit_code == 0
     assert "(no scheduled jobs)" in result.output
+
+
+def test_a_hostile_task_name_or_rule_stays_on_its_row(
+    db_url: str, conn: psycopg.Connection[Any]
+) -> None:
+    """Names and rules come from whoever may call add_scheduled_job (docs/design.md, S3)."""
+    add(conn, "evil\n99  ok  * * * * * *\x1b[2J", {"rule": "* * * * * *"})
+    add(conn, "odd-rule", {"rule": "61 *\n99  forged  -  -  ok"})
+    text = CliRunner().invoke(main, ["--database-url", db_url, "schedules"])
+    assert text.exit_code == 0, text.output
+    assert "\x1b" not in text.output
+    _header, *lines = text.output.splitlines()
+    assert len(lines) == 2
+    assert {line.split()[1] for line in lines} == {"evil\\n99", "odd-rule"}

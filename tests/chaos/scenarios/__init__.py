@@ -13,6 +13,7 @@ from tests.chaos.scenarios.common import Scale
 from tests.chaos.scenarios.field import r20, r21, r22, r23
 from tests.chaos.scenarios.inputs import r12, r13
 from tests.chaos.scenarios.processes import r01, r02, r03, r04, r05, r06, r07, r08, r15, r16
+from tests.chaos.scenarios.rows import r24, r25
 from tests.chaos.scenarios.security import s_log, s_role
 from tests.chaos.scenarios.trickle import r18
 from tests.chaos.scoreboard import Row
@@ -40,6 +41,8 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
     "R21": r21,
     "R22": r22,
     "R23": r23,
+    "R24": r24,
+    "R25": r25,
     "S-ROLE": s_role,
     "S-LOG": s_log,  # last: it greps the logs of every run before it
 }
