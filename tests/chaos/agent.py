@@ -181,8 +181,8 @@ def celery_expires() -> None:
     from bridge.publisher import CeleryPublisher
 
     headers = CeleryPublisher._headers
-    seconds = float(os.environ["LQJOBS_MAX_QUEUE_WAIT"]) + float(
-        os.environ["LQJOBS_VISIBILITY_TIMEOUT"]
+    seconds = float(os.environ.get("LQJOBS_MAX_QUEUE_WAIT", "180")) + float(
+        os.environ.get("LQJOBS_VISIBILITY_TIMEOUT", "120")
     )
 
     def expiring(self: CeleryPublisher, job: Any, task_id: str, argsrepr: str) -> dict[str, Any]:

@@ -89,7 +89,7 @@ def test_the_shown_name_is_escaped_and_the_argument_is_the_job_s_own(redis_url: 
     keeps the name as the row has it."""
     flush_broker(redis_url)
     app = create_app(make_settings("postgresql://nobody@127.0.0.1/none", redis_url))
-    publisher = CeleryPublisher(app, 180.0)
+    publisher = CeleryPublisher(app)
     hostile = "fine\n[2026-01-01 00:00:00,000: ERROR/MainProcess] forged\x1b[31m"
     publisher.publish([job_row(9, hostile)])
     publisher._publish_with_send_task([job_row(10, hostile)])
