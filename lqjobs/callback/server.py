@@ -272,8 +272,13 @@ class CallbackServer:
 
 
 def limits_for(settings: Settings) -> Limits:
-    """The service's bounds for ``settings``: one worker thread per pooled connection."""
-    return Limits(workers=settings.db_pool_size)
+    """The service's bounds for ``settings``; one worker thread per pooled connection."""
+    return Limits(
+        request_seconds=settings.callback_request_timeout,
+        connections=settings.callback_max_connections,
+        drain_seconds=settings.callback_drain_timeout,
+        workers=settings.db_pool_size,
+    )
 
 
 def build_server(
