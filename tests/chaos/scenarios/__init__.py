@@ -13,6 +13,7 @@ from tests.chaos.scenarios.common import Scale
 from tests.chaos.scenarios.inputs import r12, r13
 from tests.chaos.scenarios.processes import r01, r02, r03, r04, r05, r06, r07, r08, r15, r16
 from tests.chaos.scenarios.security import s_log, s_role
+from tests.chaos.scenarios.slowloris import r19
 from tests.chaos.scoreboard import Row
 
 SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
@@ -33,6 +34,7 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
     "R15": r15,
     "R16": r16,
     "R17": r17,
+    "R19": r19,
     "S-ROLE": s_role,
     "S-LOG": s_log,  # last: it greps the logs of every run before it
 }
