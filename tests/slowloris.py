@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_PREFIX = b"POST /callback?token=slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+_PREFIX = b"POST /callback?token=CANARY-slow HTTP/1.1\r\nHost: 127.0.0.1\r\n"  # never logged
 _BODY_LENGTH = 60_000  # under the 64 KiB cap: the server waits for it
 _HELD_STATES = ("01", "08")  # ESTABLISHED, CLOSE_WAIT (the client closed, the server not)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import queue
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -26,6 +28,8 @@ from lqjobs.metrics import Sample, counter_samples
 
 P = ParamSpec("P")
 T = TypeVar("T")
+WARN_EVERY = 60.0  # seconds between two warnings that connections are being cut
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Connections:
         self._lock = threading.Lock()  # the counts, read by the metrics thread
         self._open = 0
         self.closed: Counter[str] = Counter()
+        self._warned_at = -WARN_EVERY
 
     @property
     def open(self) -> int:
@@ -106,11 +111,21 @@ class Connections:
         help = "Callback connections the service closed, by reason."
         return [gauge, *counter_samples("callback_connections_cut_total", help, closed, "reason")]
 
+    def cut_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {f"cut_{reason}": count for reason, count in sorted(self.closed.items())}
+
     def _cut(self, stream: IOStream, reason: str) -> None:
         self.forget(stream)
         stream.close()
         with self._lock:
             self.closed[reason] += 1
+        # one line a minute at most: a slowloris must not flood the log as well
+        now = time.monotonic()
+        if reason != "drain" and now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            extra = {"action": "callback_connections_cut", "open": self._open, **self.cut_counts()}
+            log.warning("slow or surplus callback connections closed", extra=extra)
 
     def _changed(self) -> None:
         count = len(self._reading) + len(self._answering)

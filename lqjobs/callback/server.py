@@ -243,7 +243,8 @@ class CallbackServer:
         if self.reaper is not None:
             self.reaper.stop()
         self.service.close()
-        log.info("callback service stopped", extra={"action": "callback_stopped"})
+        cuts = {} if self._server is None else self._server.connections.cut_counts()
+        log.info("callback service stopped", extra={"action": "callback_stopped", **cuts})
 
     def metrics(self) -> list[Sample]:
         server = self._server

@@ -5,7 +5,9 @@ that do not grow with connections, and a stop whose drain is bounded."""
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,6 +20,7 @@ import psycopg
 import pytest
 
 from lqjobs.callback.server import CallbackServer, build_server
+from lqjobs.metrics import render
 from lqjobs.ops.embedded import wait_until
 from lqjobs.settings import Settings
 from tests.integration.test_callback import (
@@ -27,6 +30,7 @@ from tests.integration.test_callback import (
     job,
     lock,
     lock_waiters,
+    read_all,
     refused,
     token,
 )
@@ -76,7 +80,10 @@ def callback(server: CallbackServer, conn: Conn, timeout: float) -> tuple[int, A
     return reply.status_code, reply.json(), time.monotonic() - started
 
 
-def test_slow_clients_are_cut_at_one_deadline_over_head_and_body(server: CallbackServer) -> None:
+def test_slow_clients_are_cut_at_one_deadline_over_head_and_body(
+    server: CallbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
     # half never end their head; half end it after 2 s and trickle the body: a timeout
     # per phase (or per read) would let those run past the deadline
     clients = SlowClients("127.0.0.1", port_of(server), 20, lifetime=30, head_ticks=(None, 1))
@@ -87,6 +94,26 @@ def test_slow_clients_are_cut_at_one_deadline_over_head_and_body(server: Callbac
     assert max(lifetimes) <= DEADLINE + SLACK, lifetimes
     assert min(lifetimes) >= DEADLINE - 0.2, lifetimes  # the deadline cut them, not a cap
     assert len(body_phase) == 10  # the mixed ones did reach their body
+    assert_logged_without_canaries(caplog, "callback_connections_cut")
+
+
+def test_a_malformed_head_is_a_400_and_its_text_is_never_logged(
+    server: CallbackServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    head = b"POST /callback?token=CANARY-1 HTTP/1.1\r\nHost: x\r\nCANARY header\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=10) as sock:
+        sock.sendall(head)
+        reply = read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert reply.endswith(b'{"error": "bad_request"}')
+    assert_logged_without_canaries(caplog, "callback_bad_request")
+
+
+def assert_logged_without_canaries(caplog: pytest.LogCaptureFixture, action: str) -> None:
+    logged = "\n".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
+    assert "CANARY" not in logged
+    assert action in [getattr(r, "action", None) for r in caplog.records]
 
 
 def test_a_callback_succeeds_while_slowloris_fills_the_cap(
@@ -123,6 +150,8 @@ def test_connections_over_the_cap_are_closed_and_threads_stay_flat(
 
         wait_until(trickled, DEADLINE, "the survivors to trickle")
         assert clients.open_count() == CAP  # the newest: each arrival evicted the oldest
+        evicted = f'lqjobs_callback_connections_cut_total{{reason="evicted"}} {3 * CAP}'
+        assert evicted in render(server.metrics())
     assert len(most) <= CAP, most
     assert thread_count() == threads - 1
 
