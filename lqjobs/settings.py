@@ -103,6 +103,12 @@ class Settings(BaseSettings):
     # Seconds a job deferred to an asynchronous callback may wait for it before it is
     # failed; unset: 300 s, or half of LQJOBS_JOB_EXPIRY when that is shorter.
     callback_deadline: float | None = _env("LQJOBS_CALLBACK_DEADLINE", default=None, gt=0)
+    # What clients may hold of the callback service (docs/design.md, S8): seconds to send
+    # one whole request (head and body), connections open at once, and seconds a stop
+    # waits for the requests in flight before it closes them.
+    callback_request_timeout: float = _env("LQJOBS_CALLBACK_REQUEST_TIMEOUT", default=10.0, gt=0)
+    callback_max_connections: int = _env("LQJOBS_CALLBACK_MAX_CONNECTIONS", default=256, ge=1)
+    callback_drain_timeout: float = _env("LQJOBS_CALLBACK_DRAIN_TIMEOUT", default=10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _env(
         "LQJOBS_LOG_LEVEL", default="INFO"
     )

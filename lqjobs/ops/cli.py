@@ -383,7 +383,7 @@ def callback_command(ctx: Context, host: str | None, port: int | None) -> None:
     settings = ctx.settings
     configure_logging(settings.log_level)
     server = build_server(settings, host=host, port=port)
-    _run_role(settings, server.run_forever, server.request_stop, server.service.metrics)
+    _run_role(settings, server.run_forever, server.request_stop, server.metrics)
 
 
 @main.command("dev")

@@ -252,6 +252,23 @@ def no_callback_deadline() -> None:
     replace(DeferredDeadlines, "record", lambda self, lease, seconds: None)
 
 
+def no_callback_limits() -> None:
+    """The callback service without its request deadline and connection cap (its drain
+    bound stays): a slow client holds every connection it opens, as long as it likes."""
+    import lqjobs.callback.server as server
+    from lqjobs.callback.connections import Limits
+
+    def unlimited(settings: Any) -> Limits:
+        return Limits(
+            request_seconds=86_400.0,
+            connections=1_000_000,
+            drain_seconds=settings.callback_drain_timeout,
+            workers=settings.db_pool_size,
+        )
+
+    replace(server, "limits_for", unlimited)
+
+
 def task_name_in_url() -> None:
     """Upstream's Knative URL: ``http://{task}.{KNATIVE_SERVICE_URL}``, unvalidated."""
     from lqjobs.executors import KnativeExecutor, build_headers
@@ -332,6 +349,7 @@ SABOTAGE: dict[str, Patch] = {
     "shared_worker_id": shared_worker_id,
     "unauthenticated_callbacks": unauthenticated_callbacks,
     "no_callback_deadline": no_callback_deadline,
+    "no_callback_limits": no_callback_limits,
     "task_name_in_url": task_name_in_url,
     "no_exchange_deadline": no_exchange_deadline,
     "wake_on_expired_locks": wake_on_expired_locks,

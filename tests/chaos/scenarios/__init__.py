@@ -15,6 +15,7 @@ from tests.chaos.scenarios.inputs import r12, r13
 from tests.chaos.scenarios.processes import r01, r02, r03, r04, r05, r06, r07, r08, r15, r16
 from tests.chaos.scenarios.rows import r24, r25
 from tests.chaos.scenarios.security import s_log, s_role
+from tests.chaos.scenarios.slowloris import r19
 from tests.chaos.scenarios.trickle import r18
 from tests.chaos.scoreboard import Row
 
@@ -37,6 +38,7 @@ SCENARIOS: dict[str, Callable[[Cluster, Scale], Row]] = {
     "R16": r16,
     "R17": r17,
     "R18": r18,
+    "R19": r19,
     "R20": r20,
     "R21": r21,
     "R22": r22,
