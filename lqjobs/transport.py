@@ -1,4 +1,5 @@
-"""kombu's Redis transport, with one reused client per channel.
+"""kombu's Redis transport, with one reused client per channel, and a broken
+channel that closes once.
 
 kombu 5.x builds a new ``redis.Redis`` object for every command it sends outside
 the consumer's blocking read: each acknowledgement, each message it records as
@@ -11,15 +12,26 @@ event-loop thread, which a profile of a busy worker put at an eighth of its CPU.
 This channel keeps one client per connection pool and hands it out instead;
 everything else, wire traffic included, is kombu's. The app selects it with
 ``broker_transport`` for ``redis://`` and ``rediss://`` broker URLs only.
+
+It also lets the worker ride out a broker restart (docs/design.md, F20). When the
+connection breaks, kombu's ``close()`` stops at the pending BRPOP it cannot drain
+and leaves the channel open; Celery closes the connection again after detaching
+its transport, and the second ``close()`` dies of an ``AttributeError`` that kills
+the worker. Here a broken channel closes the first time, and any channel whose
+transport was detached fails with a connection error, which kombu and Celery
+recover from.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 TRANSPORT_PATH = "lqjobs.transport:Transport"
 
@@ -37,6 +49,19 @@ class Channel(kombu_redis.Channel):
         if shared is None or shared.connection_pool is not pool:
             shared = self._shared_client = self._create_client()  # type: ignore[no-untyped-call]
         yield shared
+
+    def close(self) -> None:
+        if self._in_poll:  # kombu's own drain lets a lost connection abort the close
+            with contextlib.suppress(Empty, *self.connection_errors):
+                self._brpop_read()  # type: ignore[no-untyped-call]
+        super().close()  # type: ignore[no-untyped-call]
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is None or transport.client is None:
+            # kombu would read the broker's address from the detached None
+            raise RedisConnectionError("the channel's broker connection is closed")
+        return super()._get_pool(asynchronous)  # type: ignore[no-untyped-call]
 
 
 class Transport(kombu_redis.Transport):

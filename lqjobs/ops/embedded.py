@@ -298,6 +298,18 @@ class EmbeddedRedis(_ServerProcess):
         wait_until(self._ready, timeout, f"redis on port {self.port}")
         return self.url
 
+    def shutdown(self, *, save: bool) -> None:
+        """Redis' own SHUTDOWN, for fault tests: with ``save`` its data is on disk for
+        the next start(), as with persistence; without, the next start is empty."""
+        if self._proc is None:
+            return
+        command = b"SHUTDOWN SAVE\r\n" if save else b"SHUTDOWN NOSAVE\r\n"
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(command)
+            sock.recv(64)  # nothing: the server closes the connection as it exits
+        self._proc.wait(30)
+        self._proc = None
+
     def _ready(self) -> bool:
         if self._proc is not None and self._proc.poll() is not None:
             raise RuntimeError(f"redis exited with {self._proc.returncode}")

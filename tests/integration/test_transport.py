@@ -1,18 +1,22 @@
-"""tasks/transport.py: kombu's Redis transport with one reused client per channel.
+"""lqjobs/transport.py: kombu's Redis transport with one reused client per channel.
 Same wire behaviour (messages published, held as unacknowledged, acknowledged),
-without a ``redis.Redis`` object built per command."""
+without a ``redis.Redis`` object built per command; and a channel broken by a Redis
+restart closes once, where kombu's dies of its detached transport (F20)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from kombu import Connection, Exchange, Producer, Queue
+from kombu.message import Message
 from kombu.transport import redis as kombu_redis
 
 from lqjobs.celery import create_app, redis_transport
+from lqjobs.ops.embedded import EmbeddedRedis
 from lqjobs.transport import Channel, Transport
 from tests.stack import flush_broker, make_settings
 
@@ -107,3 +111,66 @@ def test_a_new_pool_gets_a_new_client(redis_url: str, client: redis.Redis) -> No
         with channel.conn_or_acquire() as third:
             assert third is second
         channel.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+def restart_under_a_consumer(server: EmbeddedRedis, transport: type[Any]) -> Message:
+    """The worker's layout: tasks consumed on the default channel, remote control on a
+    fanout queue of a second channel. A message is held unacknowledged, with the next
+    BRPOP in flight (the event loop always has one), when Redis goes down; the
+    connection is torn down as Celery's consumer does (``collect``, then ``close``),
+    Redis comes back with its data, and the call that ran meanwhile acknowledges."""
+    queue = Queue("transport-test", Exchange("transport-test"), "transport-test")
+    control = Queue(
+        "transport-test.control", Exchange("transport-test.control", "fanout"), auto_delete=True
+    )
+    conn = Connection(server.url, transport=transport)
+    channel = conn.default_channel
+    Producer(channel).publish(
+        {"i": 0}, exchange=queue.exchange, routing_key="transport-test", declare=[queue]
+    )
+    held: list[Message] = []
+    conn.Consumer([queue], callbacks=[lambda _, message: held.append(message)]).consume()
+    conn.Consumer([control], channel=conn.channel()).consume()
+    for _ in range(10):  # the control channel's subscription may come first
+        if not held:
+            conn.drain_events(timeout=5)
+    channel._brpop_start()  # the BRPOP the event loop issues next
+    server.shutdown(save=True)
+    conn.collect(socket_timeout=5)
+    conn.close()
+    server.start()
+    held[0].ack()
+    return held[0]
+
+
+def test_a_broken_channel_closes_once_and_its_late_ack_lands(own_redis: EmbeddedRedis) -> None:
+    message = restart_under_a_consumer(own_redis, Transport)
+    assert message.acknowledged
+    client = redis.Redis.from_url(own_redis.url)
+    assert client.hlen("unacked") == 0  # acknowledged on the restarted Redis
+    assert client.llen("transport-test") == 0
+    client.close()
+
+
+def test_negative_control_stock_kombu_dies_of_the_detached_transport(
+    own_redis: EmbeddedRedis,
+) -> None:
+    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'hostname'"):
+        restart_under_a_consumer(own_redis, kombu_redis.Transport)
+
+
+def test_a_channel_whose_transport_is_gone_raises_a_connection_error(redis_url: str) -> None:
+    conn = Connection(redis_url, transport=Transport)
+    channel = conn.channel()
+    conn.collect()  # detaches the transport; the channel's pool went with it
+    channel._pool = None
+    with pytest.raises(redis.ConnectionError, match="broker connection is closed"):
+        channel.qos.ack("a-delivery-tag")
