@@ -219,6 +219,17 @@ def task_name_in_url() -> None:
     replace(KnativeExecutor, "_request", request)
 
 
+def kombu_channel_teardown() -> None:
+    """kombu's own teardown of a broken channel: a Redis restart while calls run makes
+    the worker exit 1 (docs/design.md, F20)."""
+    from kombu.transport import redis as kombu_redis
+
+    from lqjobs.transport import Channel
+
+    replace(Channel, "close", kombu_redis.Channel.close)
+    replace(Channel, "_get_pool", kombu_redis.Channel._get_pool)
+
+
 SABOTAGE: dict[str, Patch] = {
     "commit_before_publish": commit_before_publish,
     "no_lease_check": no_lease_check,
@@ -227,6 +238,7 @@ SABOTAGE: dict[str, Patch] = {
     "unauthenticated_callbacks": unauthenticated_callbacks,
     "no_callback_deadline": no_callback_deadline,
     "task_name_in_url": task_name_in_url,
+    "kombu_channel_teardown": kombu_channel_teardown,
 }
 
 
