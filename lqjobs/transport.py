@@ -56,6 +56,21 @@ class Channel(kombu_redis.Channel):
                 self._brpop_read()  # type: ignore[no-untyped-call]
         super().close()  # type: ignore[no-untyped-call]
 
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
+        self._after_late_settle()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+        self._after_late_settle()
+
+    def _after_late_settle(self) -> None:
+        # A call that outlived its connection settled through this closed channel: its
+        # socket would stay open until the collector frees the channel. The pool stays,
+        # for the next such call.
+        if self.closed and self._pool is not None:
+            self._pool.disconnect()
+
     def _get_pool(self, asynchronous: bool = False) -> Any:
         transport = self.connection
         if transport is None or transport.client is None:
