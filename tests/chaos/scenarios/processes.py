@@ -89,6 +89,7 @@ def r02(cluster: Cluster, scale: Scale) -> Row:
 # -- R03: the broker goes away during publishes and calls --------------------------------
 
 KOMBU_TEARDOWN = "kombu_channel_teardown"
+RUNNING = 8  # calls in flight at each outage, half the worker's slots
 
 
 def r03(cluster: Cluster, scale: Scale) -> Row:
@@ -103,9 +104,12 @@ def r03(cluster: Cluster, scale: Scale) -> Row:
             wait_quiescent(run.db_url, ids, 60)
             untouched, ends = True, []
             for outage in range(outages):
-                # calls running as the broker goes: their messages held unacknowledged
-                ids += run.add_jobs("slow", [{"sleep": 1.0, "outage": outage}] * 8)
-                wait_until(lambda: run.functions.calls_in_progress() > 0, 30, "a call running")
+                # calls running as the broker goes, their messages held unacknowledged
+                # and the worker idle in its next BRPOP
+                ids += run.add_jobs("slow", [{"sleep": 1.5, "outage": outage}] * RUNNING)
+                wait_until(
+                    lambda: run.functions.calls_in_progress() == RUNNING, 30, "the calls running"
+                )
                 cluster.stop_redis_saving()  # down, queued messages kept on disk
                 during = run.add_jobs(
                     "noop", [{"outage": outage, "i": i} for i in range(scale.jobs(150))]
