@@ -13,7 +13,7 @@ This channel keeps one client per connection pool and hands it out instead;
 everything else, wire traffic included, is kombu's. The app selects it with
 ``broker_transport`` for ``redis://`` and ``rediss://`` broker URLs only.
 
-It also lets the worker ride out a broker restart (docs/design.md, F20). When the
+It also lets the worker ride out a broker restart (docs/design.md, F22). When the
 connection breaks, kombu's ``close()`` stops at the pending BRPOP it cannot drain
 and leaves the channel open; Celery closes the connection again after detaching
 its transport, and the second ``close()`` dies of an ``AttributeError`` that kills
@@ -55,6 +55,21 @@ class Channel(kombu_redis.Channel):
             with contextlib.suppress(Empty, *self.connection_errors):
                 self._brpop_read()  # type: ignore[no-untyped-call]
         super().close()  # type: ignore[no-untyped-call]
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        super().basic_ack(delivery_tag, multiple)  # type: ignore[no-untyped-call]
+        self._after_late_settle()
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        super().basic_reject(delivery_tag, requeue)  # type: ignore[no-untyped-call]
+        self._after_late_settle()
+
+    def _after_late_settle(self) -> None:
+        # A call that outlived its connection settled through this closed channel: its
+        # socket would stay open until the collector frees the channel. The pool stays,
+        # for the next such call.
+        if self.closed and self._pool is not None:
+            self._pool.disconnect()
 
     def _get_pool(self, asynchronous: bool = False) -> Any:
         transport = self.connection

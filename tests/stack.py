@@ -13,6 +13,7 @@ from uuid import UUID
 import psycopg
 import redis
 from celery import Celery
+from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 
 from bridge import Bridge, CeleryPublisher
@@ -50,16 +51,31 @@ def flush_broker(redis_url: str) -> None:
 
 @contextlib.contextmanager
 def worker(app: Celery, concurrency: int = 8) -> Iterator[Any]:
-    with start_worker(
-        app,
-        concurrency=concurrency,
-        pool="threads",
-        perform_ping_check=False,
-        shutdown_timeout=30,
-        loglevel="WARNING",
-    ) as running:
-        yield running
-    app.tasks[TASK_NAME].runners.close()
+    """The real worker in a thread, cleaned up whether the test passed or failed: a
+    runner left open keeps its HTTP connections, whose sockets warn when the collector
+    frees them. Celery's stop of this worker does not wait for the calls still
+    running, so the runner is closed once they have ended, not under them. Celery
+    also keeps the app as its current and default app; handing those back frees the
+    app, and reports a leak it holds, in this test rather than in the next one that
+    starts a worker."""
+    tasks = None
+    try:
+        with start_worker(
+            app,
+            concurrency=concurrency,
+            pool="threads",
+            perform_ping_check=False,
+            shutdown_timeout=30,
+            loglevel="WARNING",
+        ) as running:
+            tasks = running.pool.executor  # the thread pool's calls
+            yield running
+    finally:
+        if tasks is not None:
+            tasks.shutdown(wait=True)
+        app.tasks[TASK_NAME].runners.close()
+        celery_state.set_default_app(None)
+        celery_state._set_current_app(None)
 
 
 LoopT = TypeVar("LoopT")

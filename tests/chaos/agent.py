@@ -339,6 +339,17 @@ def strict_rows() -> None:
     replace(queue, "read_job", lambda row: StrictJobRow.model_validate(row))
 
 
+def kombu_channel_teardown() -> None:
+    """kombu's own teardown of a broken channel: a Redis restart while calls run makes
+    the worker exit 1 (docs/design.md, F22)."""
+    from kombu.transport import redis as kombu_redis
+
+    from lqjobs.transport import Channel
+
+    replace(Channel, "close", kombu_redis.Channel.close)
+    replace(Channel, "_get_pool", kombu_redis.Channel._get_pool)
+
+
 SABOTAGE: dict[str, Patch] = {
     "commit_before_publish": commit_before_publish,
     "no_lease_check": no_lease_check,
@@ -354,6 +365,7 @@ SABOTAGE: dict[str, Patch] = {
     "no_exchange_deadline": no_exchange_deadline,
     "wake_on_expired_locks": wake_on_expired_locks,
     "strict_rows": strict_rows,
+    "kombu_channel_teardown": kombu_channel_teardown,
 }
 
 

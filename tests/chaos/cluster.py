@@ -118,6 +118,14 @@ class Component:
                 self.incarnation += 1
                 self.proc = self._spawn()
 
+    @property
+    def own_exits(self) -> list[int]:
+        """Return codes of the exits nothing asked for: neither the suite (a SIGKILL or
+        SIGTERM it sent) nor a fault this component was told to inject (CHAOS_FAULT)."""
+        injected = -signal.SIGKILL if "CHAOS_FAULT" in self.env else None
+        with self._lock:
+            return [code for _, code in self.unplanned_exits if code != injected]
+
     def send(self, signum: int, *, planned: bool = True) -> None:
         with self._lock:
             if self.proc.poll() is None:
@@ -213,10 +221,12 @@ class Cluster:
         proc.wait(30)
         self.redis._proc = None
 
-    def restart_redis_empty(self) -> None:
-        """SIGKILL redis (no persistence) and start it again, empty, on the same port."""
+    def restart_redis_empty(self, down_for: float = 0.0) -> None:
+        """SIGKILL redis (no persistence) and start it again, empty, on the same port,
+        ``down_for`` seconds later (a restart that takes time, as a pod's does)."""
         self.redis.kill()
         (self.redis.data_dir / "dump.rdb").unlink(missing_ok=True)  # from a SHUTDOWN SAVE
+        time.sleep(down_for)  # the fault schedule: the broker's downtime
         self.redis.start()
 
     @contextmanager

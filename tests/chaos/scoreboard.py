@@ -20,6 +20,9 @@ class Result:
     # negative control that misses one proves nothing, whatever else failed
     preconditions: dict[str, bool] = field(default_factory=dict)
     notes: str = ""
+    # per component, the exits that neither the suite nor an injected fault asked for
+    # (a crash the supervisor hid by restarting it); None: not watched
+    exits: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,7 @@ class Bounds:
     duplicated: int = 0
     attempts_burned: int | None = 0  # None: reported, not judged
     recovery: float | None = None  # seconds
+    exits: int | None = None  # components exiting on their own; None: reported, not judged
 
 
 def failures(result: Result, bounds: Bounds) -> list[str]:
@@ -46,11 +50,28 @@ def failures(result: Result, bounds: Bounds) -> list[str]:
         why.append(f"lost {t.lost} {t.lost_ids[:5]}")
     if bounds.attempts_burned is not None and t.attempts_burned > bounds.attempts_burned:
         why.append(f"attempts burned {t.attempts_burned} > {bounds.attempts_burned}")
+    why += exit_failures(result, bounds)
     if result.recovery is None:
         why.append("no quiescence")
     elif bounds.recovery is not None and result.recovery > bounds.recovery:
         why.append(f"recovery {result.recovery:.1f}s > {bounds.recovery:g}s")
     return why
+
+
+def exit_failures(result: Result, bounds: Bounds) -> list[str]:
+    if bounds.exits is None:
+        return []
+    if result.exits is None:
+        return ["exits not watched"]
+    if sum(result.exits.values()) > bounds.exits:
+        return [f"exited on its own: {exit_cell(result.exits)} > {bounds.exits}"]
+    return []
+
+
+def exit_cell(exits: dict[str, int] | None) -> str:
+    if exits is None:
+        return "-"
+    return ", ".join(f"{name} {n}" for name, n in sorted(exits.items()) if n) or "0"
 
 
 @dataclass
@@ -100,6 +121,7 @@ COLUMNS = (
     "Dup (overlap)",
     "Stranded",
     "Burned",
+    "Exits",
     "Recovery s",
     "Neg. control failed?",
     "Pass",
@@ -129,6 +151,7 @@ def cells(row: Row) -> tuple[str, ...]:
         f"{t.duplicated} ({t.overlapping})",
         str(t.stranded),
         str(t.attempts_burned),
+        exit_cell(r.exits),
         recovery,
         negative,
         "pass" if row.passed else "FAIL: " + "; ".join(row.failures or ["negative control"]),
@@ -156,7 +179,8 @@ def summary(rows: list[Row], seed: int) -> str:
         f"{sum(row.result.faults for row in rows):,} faults · "
         f"lost {sum(t.lost for t in tallies)} · dup {dup} "
         f"(overlap {sum(t.overlapping for t in tallies)}) · "
-        f"stranded {sum(t.stranded for t in tallies)} · seed {seed}"
+        f"stranded {sum(t.stranded for t in tallies)} · "
+        f"exits {sum(sum((row.result.exits or {}).values()) for row in rows)} · seed {seed}"
     )
 
 

@@ -1,7 +1,7 @@
 """lqjobs/transport.py: kombu's Redis transport with one reused client per channel.
 Same wire behaviour (messages published, held as unacknowledged, acknowledged),
 without a ``redis.Redis`` object built per command; and a channel broken by a Redis
-restart closes once, where kombu's dies of its detached transport (F20)."""
+restart closes once, where kombu's dies of its detached transport (F22)."""
 
 from __future__ import annotations
 
@@ -121,7 +121,9 @@ def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server.stop()
 
 
-def restart_under_a_consumer(server: EmbeddedRedis, transport: type[Any]) -> Message:
+def restart_under_a_consumer(
+    server: EmbeddedRedis, transport: type[Any], opened: list[Any] | None = None
+) -> Message:
     """The worker's layout: tasks consumed on the default channel, remote control on a
     fanout queue of a second channel. A message is held unacknowledged, with the next
     BRPOP in flight (the event loop always has one), when Redis goes down; the
@@ -132,13 +134,15 @@ def restart_under_a_consumer(server: EmbeddedRedis, transport: type[Any]) -> Mes
         "transport-test.control", Exchange("transport-test.control", "fanout"), auto_delete=True
     )
     conn = Connection(server.url, transport=transport)
-    channel = conn.default_channel
+    channel, control_channel = conn.default_channel, conn.channel()
+    if opened is not None:
+        opened += [channel, control_channel]
     Producer(channel).publish(
         {"i": 0}, exchange=queue.exchange, routing_key="transport-test", declare=[queue]
     )
     held: list[Message] = []
     conn.Consumer([queue], callbacks=[lambda _, message: held.append(message)]).consume()
-    conn.Consumer([control], channel=conn.channel()).consume()
+    conn.Consumer([control], channel=control_channel).consume()
     for _ in range(10):  # the control channel's subscription may come first
         if not held:
             conn.drain_events(timeout=5)
@@ -163,8 +167,14 @@ def test_a_broken_channel_closes_once_and_its_late_ack_lands(own_redis: Embedded
 def test_negative_control_stock_kombu_dies_of_the_detached_transport(
     own_redis: EmbeddedRedis,
 ) -> None:
-    with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'hostname'"):
-        restart_under_a_consumer(own_redis, kombu_redis.Transport)
+    opened: list[Any] = []
+    try:
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'hostname'"):
+            restart_under_a_consumer(own_redis, kombu_redis.Transport, opened)
+    finally:
+        for channel in opened:  # what kombu's teardown left open when it died
+            channel._disconnect_pools()
+            channel._close_clients()
 
 
 def test_a_channel_whose_transport_is_gone_raises_a_connection_error(redis_url: str) -> None:

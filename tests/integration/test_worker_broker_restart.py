@@ -1,4 +1,4 @@
-"""F20: Redis restarts while the worker runs calls, and the worker rides it out.
+"""F22: Redis restarts while the worker runs calls, and the worker rides it out.
 
 A real ``celery -A tasks worker`` process (not supervised: an exit is the failure)
 runs slow calls against the function server; the bridge runs in this process. Redis

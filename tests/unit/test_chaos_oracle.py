@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from lqjobs.ops.function_calls import CallRecord
 from tests.chaos.oracle import Tally, _overlaps
-from tests.chaos.scoreboard import Bounds, Result, Row, failures
+from tests.chaos.scoreboard import COLUMNS, Bounds, Result, Row, cells, failures
 
 
 def call(started: float, ended: float, status: int = 200) -> CallRecord:
@@ -61,3 +61,17 @@ def test_a_negative_control_counts_only_when_it_shows_the_bug_it_names() -> None
     assert Row("R", "t", ok, Bounds(), half, "off", both).negative_caught is False
     half.checks["b"] = False
     assert Row("R", "t", ok, Bounds(), half, "off", both).negative_caught is True
+
+
+def test_a_component_exiting_on_its_own_fails_a_row_that_watches_exits() -> None:
+    crashed = Result(Tally(jobs=1, completed=1), 1, 1.0, exits={"worker": 3})
+    assert failures(crashed, Bounds()) == []  # reported, not judged
+    assert failures(crashed, Bounds(exits=0)) == ["exited on its own: worker 3 > 0"]
+    steady = Result(Tally(jobs=1, completed=1), 1, 1.0, exits={})
+    assert failures(steady, Bounds(exits=0)) == []
+    unwatched = Result(Tally(jobs=1, completed=1), 1, 1.0)
+    assert failures(unwatched, Bounds(exits=0)) == ["exits not watched"]
+    row = Row("R", "t", steady, Bounds(exits=0), crashed, "off", ("exited on its own",))
+    assert row.negative_caught is True and row.passed
+    assert cells(row)[COLUMNS.index("Exits")] == "0"
+    assert cells(Row("R", "t", crashed, Bounds(), None))[COLUMNS.index("Exits")] == "worker 3"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from tests.chaos.cluster import Cluster
@@ -87,10 +88,14 @@ def merge(results: list[Result]) -> Result:
             setattr(tally, name, getattr(tally, name) + getattr(r.tally, name))
         tally.lost_ids += r.tally.lost_ids
     recoveries = [r.recovery for r in results]
+    exits: Counter[str] = Counter()
+    for r in results:
+        exits.update(r.exits or {})
     return Result(
         tally,
         sum(r.faults for r in results),
         None if None in recoveries else max(x for x in recoveries if x is not None),
         {k: v for r in results for k, v in r.checks.items()},
         {k: v for r in results for k, v in r.preconditions.items()},
+        exits=dict(exits),
     )

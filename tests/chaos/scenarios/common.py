@@ -32,6 +32,11 @@ def killed(*components: Component) -> list[float]:
     return [at for c in components for at, code in c.unplanned_exits if code == -9]
 
 
+def own_exits(run: Run) -> dict[str, int]:
+    """How often each component exited on its own (its supervisor restarted it)."""
+    return {name: len(c.own_exits) for name, c in run.components.items() if c.own_exits}
+
+
 def finish(
     run: Run,
     ids: list[int],
@@ -69,6 +74,7 @@ def finish(
         len(fault_times) if faults is None else faults,
         recovery,
         checks or {},
+        exits=own_exits(run),
     )
 
 

@@ -20,6 +20,7 @@ from tests.chaos.scenarios.common import (
     finish,
     killed,
     locked_count,
+    own_exits,
     sabotage,
     wait_for_calls,
 )
@@ -85,34 +86,54 @@ def r02(cluster: Cluster, scale: Scale) -> Row:
     )
 
 
-# -- R03: the broker goes away during publishes ---------------------------------------
+# -- R03: the broker goes away during publishes and calls --------------------------------
+
+KOMBU_TEARDOWN = "kombu_channel_teardown"
+RUNNING = 8  # calls in flight at each outage, half the worker's slots
 
 
 def r03(cluster: Cluster, scale: Scale) -> Row:
     outages = 3 if scale.factor >= 1 else 1
-    with cluster.run("R03") as run:
-        run.spawn("worker")
-        run.spawn("bridge")
-        ids = run.add_jobs("noop", [{"warmup": i} for i in range(20)])
-        wait_quiescent(run.db_url, ids, 60)
-        untouched, ends = True, []
-        for outage in range(outages):
-            cluster.stop_redis_saving()  # down, queued messages kept on disk
-            during = run.add_jobs(
-                "noop", [{"outage": outage, "i": i} for i in range(scale.jobs(150))]
-            )
-            ids += during
-            until = time.monotonic() + 8
-            while time.monotonic() < until:
-                states = job_states(run.db_url, during)
-                untouched &= not any(s.locked or s.attempts for s in states.values())
-                time.sleep(0.2)
-            cluster.redis.start()
-            ends.append(time.monotonic())
-        return_row = finish(
-            run, ids, ends, checks={"no lock and no attempt while the broker was down": untouched}
-        )
-    return Row("R03", f"F3 Redis down during publish ({outages} x 8 s)", return_row, Bounds())
+
+    def once(protected: bool) -> Result:
+        name = f"R03{'' if protected else '-negative'}"
+        with cluster.run(name, least_privilege=protected) as run:
+            run.spawn("worker", **sabotage(protected, KOMBU_TEARDOWN))
+            run.spawn("bridge")
+            ids = run.add_jobs("noop", [{"warmup": i} for i in range(20)])
+            wait_quiescent(run.db_url, ids, 60)
+            untouched, ends = True, []
+            for outage in range(outages):
+                # calls running as the broker goes, their messages held unacknowledged
+                # and the worker idle in its next BRPOP
+                ids += run.add_jobs("slow", [{"sleep": 1.5, "outage": outage}] * RUNNING)
+                wait_until(
+                    lambda: run.functions.calls_in_progress() == RUNNING, 30, "the calls running"
+                )
+                cluster.stop_redis_saving()  # down, queued messages kept on disk
+                during = run.add_jobs(
+                    "noop", [{"outage": outage, "i": i} for i in range(scale.jobs(150))]
+                )
+                ids += during
+                until = time.monotonic() + 8
+                while time.monotonic() < until:
+                    states = job_states(run.db_url, during)
+                    untouched &= not any(s.locked or s.attempts for s in states.values())
+                    time.sleep(0.2)
+                cluster.redis.start()
+                ends.append(time.monotonic())
+            checks = {"no lock and no attempt while the broker was down": untouched}
+            return finish(run, ids, ends, checks=checks)
+
+    return Row(
+        "R03",
+        f"F3, F22 Redis down during publishes and calls ({outages} x 8 s)",
+        once(True),
+        Bounds(exits=0),
+        once(False),
+        "kombu's channel teardown",
+        ("exited on its own",),
+    )
 
 
 # -- R04: Redis restarts empty ----------------------------------------------------------
@@ -135,7 +156,8 @@ def r04(cluster: Cluster, scale: Scale) -> Row:
             faults = []
             for k in range(kills):
                 wait_for_calls(run, n * (k + 1) // (kills + 2))
-                cluster.restart_redis_empty()
+                # down for a second: clients notice the loss before it is back (F22)
+                cluster.restart_redis_empty(down_for=1.0)
                 faults.append(time.monotonic())
             return finish(run, ids, faults, stall=10)
 
@@ -144,7 +166,7 @@ def r04(cluster: Cluster, scale: Scale) -> Row:
         "R04",
         f"F4 Redis SIGKILL, restarted empty (x{kills})",
         once(True),
-        Bounds(duplicated=bound, attempts_burned=bound, recovery=20),
+        Bounds(duplicated=bound, attempts_burned=bound, recovery=20, exits=0),
         once(False),
         "reconciler off",
         ("stranded",),
@@ -391,7 +413,9 @@ def r16(cluster: Cluster, scale: Scale) -> Row:
         duplicated=sum(c - 1 for c in per_second.values()),
         stranded=int(locked[0][0]),
     )
-    result = Result(tally, kills, 0.0, notes=f"{missed} ticks missed while down")
+    result = Result(
+        tally, kills, 0.0, notes=f"{missed} ticks missed while down", exits=own_exits(run)
+    )
     # node-schedule's policy: no catch-up for ticks missed while no scheduler ran
     result.checks[f"missed ticks only while down ({missed} <= {kills * 3})"] = missed <= kills * 3
     return Row("R16", f"F18 scheduler SIGKILL x{kills}, a tick every second", result, Bounds())
