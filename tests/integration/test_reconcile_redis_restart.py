@@ -110,16 +110,19 @@ def kill_and_restart_empty(server: EmbeddedRedis) -> tuple[float, float]:
     client = redis.Redis.from_url(server.url)
     old_run_id = client.info("server")["run_id"]
     queued = client.llen("celery")
+    # Nothing survives a SIGKILL of this server: no snapshots, no append-only file.
+    persistence = (client.config_get("save")["save"], client.config_get("appendonly"))
     client.close()
     assert queued > 0, "the kill should find messages waiting in Redis"
+    assert persistence == ("", {"appendonly": "no"})
     killed_at = time.monotonic()
-    server.kill()  # SIGKILL; the server runs with --save "" --appendonly no
+    server.kill()
     server.start()
     restarted_at = time.monotonic()
     client = redis.Redis.from_url(server.url)
+    # A new server, empty when it started. Its queue is not checked here: the worker
+    # and the reconciler may refill it at once, which is the recovery under test.
     assert client.info("server")["run_id"] != old_run_id
-    # Empty: every queued and unacked message is gone (clients may re-declare already).
-    assert client.llen("celery") == 0 and client.hlen("unacked") == 0
     client.close()
     return killed_at, restarted_at
 
