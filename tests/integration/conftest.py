@@ -21,6 +21,9 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from lqjobs.ops.embedded import wait_until
+from lqjobs.ops.example_functions import FunctionServer
+from lqjobs.worker import JobRunner
+from tests.runners import make_runner
 
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 TENANT = UUID("5b720132-17d5-424d-9bcb-ee7b17c13d43")
@@ -300,3 +303,18 @@ class Gate:
 @pytest.fixture
 def gate() -> Gate:
     return Gate()
+
+
+@pytest.fixture
+def functions() -> Iterator[FunctionServer]:
+    """Stand-in functions on 127.0.0.1 that log every call."""
+    with FunctionServer() as server:
+        yield server
+
+
+@pytest.fixture
+def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[JobRunner]:
+    """A job runner driven directly (no broker) as the schema owner."""
+    running = make_runner(db_url, redis_url, functions)
+    yield running
+    running.close()

@@ -30,12 +30,6 @@ from tests.stack import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
 def knative(db_url: str, redis_url: str, functions: FunctionServer, **extra: Any) -> Any:
     return make_settings(
         db_url, redis_url, executor="knative", knative_ingress_url=functions.url, **extra

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -27,12 +26,6 @@ from tests.stack import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
 
 
 def knative(functions: FunctionServer) -> dict[str, Any]:

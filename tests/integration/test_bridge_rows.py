@@ -5,7 +5,6 @@ does not know may hold a row that fits no JobRow. Neither may stop the bridge (i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -17,12 +16,6 @@ from tests.stack import count, make_settings, stack
 
 pytestmark = pytest.mark.integration
 TENANT = "11111111-2222-3333-4444-555555555555"
-
-
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
 
 
 def row(db_url: str, job_id: int) -> dict[str, Any] | None:

@@ -79,12 +79,6 @@ def faults(db_url: str, conn: psycopg.Connection[Any], logins: Logins) -> Any:
     return plan
 
 
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
 def fired(conn: psycopg.Connection[Any]) -> int:
     """How many times the injector was evaluated (each of the first budget ones raised)."""
     found = conn.execute("SELECT last_value FROM lqjobs_faults.fired").fetchone()

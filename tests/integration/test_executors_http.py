@@ -128,12 +128,6 @@ def job(**overrides: Any) -> Invocation:
     return Invocation(**values)
 
 
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[FunctionClient]:
     with make_http_client(Settings(http_connect_timeout=1.0, http_timeout=3.0)) as http:

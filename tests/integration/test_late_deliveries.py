@@ -8,7 +8,6 @@ lease that expired on its last attempt is failed, visibly, by a bridge's sweep.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.worker import JobRunner, Result
 from tests import processes
 from tests.chaos.scenarios.clock import faketime
-from tests.runners import WORKER, make_runner
+from tests.runners import WORKER
 from tests.stack import add_jobs, bridge, count, flush_broker, make_settings
 
 pytestmark = pytest.mark.integration
@@ -45,19 +44,6 @@ SHORT_LADDER = {
     "LQJOBS_MAX_QUEUE_WAIT": "1",
     "LQJOBS_JOB_EXPIRY": "12",
 }
-
-
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[JobRunner]:
-    running = make_runner(db_url, redis_url, functions)
-    yield running
-    running.close()
 
 
 def job_row(conn: psycopg.Connection[Any], job_id: int) -> dict[str, Any] | None:

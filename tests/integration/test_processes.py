@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -20,12 +19,6 @@ from tests import processes
 from tests.stack import add_jobs, count, flush_broker
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
 
 
 @pytest.fixture

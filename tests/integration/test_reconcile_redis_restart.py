@@ -42,12 +42,6 @@ RECOVERY = EXPIRY / 3  # after the restart, the protected run is done within thi
 
 
 @pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
-@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()

@@ -23,22 +23,9 @@ from lqjobs.metrics import render
 from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.worker import JobRunner, Result
-from tests.runners import WORKER, lock_job, make_runner, row
+from tests.runners import WORKER, lock_job, row
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
-@pytest.fixture
-def runner(db_url: str, redis_url: str, functions: FunctionServer) -> Iterator[JobRunner]:
-    running = make_runner(db_url, redis_url, functions)
-    yield running
-    running.close()
 
 
 def before_any_running_call(runner: JobRunner, lease: Lease) -> datetime:

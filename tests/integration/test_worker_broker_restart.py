@@ -47,12 +47,6 @@ LADDER = {
 
 
 @pytest.fixture
-def functions() -> Iterator[FunctionServer]:
-    with FunctionServer() as server:
-        yield server
-
-
-@pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[EmbeddedRedis]:
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
