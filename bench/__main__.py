@@ -30,7 +30,6 @@ import psycopg
 from redis import Redis
 
 from bench import cpu
-from lqjobs.db.base import walk_job_index
 from lqjobs.db.queue import Queue
 from lqjobs.executors import Done, Invocation, build_router, make_http_client
 from lqjobs.ops import migrate
@@ -82,7 +81,9 @@ def sql_drain(url: str, n: int, connections: int, walk_index: bool = False) -> f
         worker = f"bench-sql-{index:04d}"
         with psycopg.connect(url, autocommit=True) as conn:
             if walk_index:
-                walk_job_index(conn)
+                # The raw SQL at its best: get_job walking its index on every call (the
+                # bridge turns this on inside its lock statement, see WALK_JOB_INDEX).
+                conn.execute("SET enable_sort = off")
             while (job := jobs_db.get_job(conn, worker, ["noop"])) is not None:
                 jobs_db.complete_job(conn, worker, job.id)
 

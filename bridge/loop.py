@@ -31,7 +31,6 @@ from bridge import reconcile
 from bridge.publisher import Publisher
 from lqjobs import db
 from lqjobs.db import Connection
-from lqjobs.db.base import walk_job_index
 from lqjobs.db.queue import LockedBatch, Queue, UnreadableRow
 from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
@@ -324,13 +323,7 @@ class Bridge:
         return conn
 
     def _lock_connection(self) -> Connection:
-        conn = db.connect(self.settings.conninfo(), autocommit=True)
-        try:
-            walk_job_index(conn)
-        except DatabaseError:
-            conn.close()
-            raise
-        return conn
+        return db.connect(self.settings.conninfo(), autocommit=True)
 
     def _close(self) -> None:
         if self._conn is not None:

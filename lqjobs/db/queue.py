@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from lqjobs.db.base import (
     JOB_COLUMNS,
+    WALK_JOB_INDEX,
     Connection,
     Statements,
     as_json,
@@ -115,7 +116,8 @@ class Queue(Statements):
         statement first counts the jobs ``worker_id`` holds, then makes at most
         ``min(limit, cap - held)`` calls (a round trip fewer than counting apart).
         A lease older than ``job_expiry`` is not held any more (get_job may take its
-        job again): leases whose messages were lost must not fill the cap forever."""
+        job again): leases whose messages were lost must not fill the cap forever.
+        The count's row also turns on :data:`WALK_JOB_INDEX` before the first call."""
         query = self._statement(conn, "get_jobs_under_cap", self._get_jobs_under_cap_query)
         params = {
             "worker": worker_id,
@@ -136,7 +138,7 @@ class Queue(Statements):
     def _get_jobs_under_cap_query(self) -> sql.Composed:
         return sql.SQL(
             "WITH RECURSIVE room AS ("
-            "SELECT %(cap)s::int - count(*)::int AS free FROM {schema}.jobs "
+            "SELECT %(cap)s::int - count(*)::int AS free, {walk} AS walk FROM {schema}.jobs "
             "WHERE locked_by = %(worker)s AND locked_at >= now() - %(expiry)s::interval), "
             "step(n, job) AS ("
             "SELECT 1, {call} FROM room WHERE free > 0 AND %(limit)s > 0 "
@@ -148,6 +150,7 @@ class Queue(Statements):
             "ORDER BY j.n"
         ).format(
             schema=self._schema,
+            walk=WALK_JOB_INDEX,
             call=sql.SQL(
                 "{schema}.get_job(%(worker)s, %(tasks)s::text[], %(expiry)s::interval)"
             ).format(schema=self._schema),
