@@ -1,10 +1,15 @@
 """Session services for the whole suite: a real Postgres and a real Redis.
 
 By default both come from pip packages (the ``embedded`` extra), so ``pytest``
-on a fresh machine starts what it needs. ``LQJOBS_TEST_DATABASE_URL`` /
-``LQJOBS_TEST_REDIS_URL`` point the suite at external servers instead.
-The schema is installed once into a template database; every test that asks
-for ``db_url`` gets a fresh copy of it.
+on a fresh machine starts what it needs, and when a system PostgreSQL is
+installed (Debian's ``postgresql``, as users run it: JIT on) every test that
+needs a database runs on it too, on a private server started from its binaries.
+``LQJOBS_TEST_POSTGRES`` picks the servers: a comma-separated list of
+``embedded``, ``system`` and URLs (a superuser's, to a maintenance database), for
+example ``LQJOBS_TEST_POSTGRES=system``. ``LQJOBS_TEST_REDIS_URL`` points the suite
+at an external Redis. Under ``CI`` a missing system server is an error, not a skip.
+The schema is installed once into a template database per server; every test
+that asks for ``db_url`` gets a fresh copy of it.
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import psycopg
 import pytest
 
 from lqjobs.ops import migrate
-from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis
-from tests.databases import database_url, drop_database, recreate_database
+from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, system_postgres_bin_dir
+from tests.databases import PostgresServer, database_url, drop_database, recreate_database
 
 TEMPLATE_DB = "lqjobs_template"
 _counter = itertools.count()
@@ -59,26 +64,67 @@ def services_dir() -> Iterator[Path]:
     yield folder
 
 
-@pytest.fixture(scope="session")
-def embedded_pg(services_dir: Path) -> Iterator[EmbeddedPostgres | None]:
-    if os.environ.get("LQJOBS_TEST_DATABASE_URL"):
-        yield None
+def chosen_servers() -> list[str]:
+    chosen = os.environ.get("LQJOBS_TEST_POSTGRES") or os.environ.get("LQJOBS_TEST_DATABASE_URL")
+    if chosen:
+        return [part.strip() for part in chosen.split(",") if part.strip()]
+    if system_postgres_bin_dir() is not None or os.environ.get("CI"):
+        return ["embedded", "system"]
+    return ["embedded"]
+
+
+def _server_id(server: str) -> str:
+    return server if server in ("embedded", "system") else "url"  # never a password in an id
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that needs a database runs once per chosen server, grouped by
+    server (one server runs at a time); ``one_postgres`` tests run on the first."""
+    if "postgres_server" not in metafunc.fixturenames:
         return
-    server = EmbeddedPostgres(services_dir / "pg", durable=False)
+    servers = chosen_servers()
+    if metafunc.definition.get_closest_marker("one_postgres"):
+        servers = servers[:1]
+    metafunc.parametrize(
+        "postgres_server",
+        servers,
+        indirect=True,
+        scope="session",
+        ids=[_server_id(server) for server in servers],
+    )
+
+
+@pytest.fixture(scope="session")
+def postgres_server(request: pytest.FixtureRequest, services_dir: Path) -> Iterator[PostgresServer]:
+    kind: str = request.param
+    if kind not in ("embedded", "system"):
+        yield PostgresServer("url", kind, None)
+        return
+    bin_dir = None
+    if kind == "system":
+        bin_dir = system_postgres_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("no system PostgreSQL: apt-get install postgresql (.ci/run does)")
+    # A throwaway cluster: fsync off on either server (the only setting a test changes
+    # from the server's defaults but for address, port, socket and max_connections).
+    server = EmbeddedPostgres(services_dir / f"pg-{kind}", durable=False, bin_dir=bin_dir)
     server.start()
-    yield server
-    server.stop()
+    try:
+        bin_dir = Path(server.bin("psql")).parent
+        yield PostgresServer(kind, server.url, bin_dir, server.data_dir / "server.log")
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def pg_url(embedded_pg: EmbeddedPostgres | None) -> str:
+def pg_url(postgres_server: PostgresServer) -> str:
     """Superuser URL of the test cluster's maintenance database."""
-    return os.environ.get("LQJOBS_TEST_DATABASE_URL") or embedded_pg.url  # type: ignore[union-attr]
+    return postgres_server.url
 
 
 @pytest.fixture(scope="session")
-def psql_bin(embedded_pg: EmbeddedPostgres | None) -> str:
-    return embedded_pg.bin("psql") if embedded_pg else "psql"
+def psql_bin(postgres_server: PostgresServer) -> str:
+    return postgres_server.bin("psql")
 
 
 @pytest.fixture(scope="session")

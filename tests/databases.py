@@ -3,6 +3,9 @@ template that already holds the migrated schema."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import psycopg
 from psycopg import sql
 
@@ -25,3 +28,16 @@ def recreate_database(admin_url: str, name: str, template: str | None = None) ->
         create += sql.SQL(" TEMPLATE {}").format(sql.Identifier(template))
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(create)
+
+
+@dataclass(frozen=True)
+class PostgresServer:
+    """The server a test runs on: ``kind`` is embedded, system or url."""
+
+    kind: str
+    url: str  # a superuser's, to the maintenance database
+    bin_dir: Path | None  # its client programs (psql, pg_dump); None: those on PATH
+    log_path: Path | None = None  # the server's log, when the suite started the server
+
+    def bin(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name

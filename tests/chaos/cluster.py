@@ -173,14 +173,15 @@ class Component:
 class Cluster:
     """Postgres, Redis and a migrated template database for a whole chaos run."""
 
-    def __init__(self, root: Path, seed: int) -> None:
+    def __init__(self, root: Path, seed: int, *, postgres_bin_dir: Path | None = None) -> None:
+        """``postgres_bin_dir``: a system install's server (default: the embedded one)."""
         self.root = root
         self.seed = seed
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o755)  # postgres runs as a non-root user when we are root
         # durable: an immediate shutdown must not lose acknowledged commits (with
         # synchronous_commit off it does, and the oracle would blame lqjobs)
-        self.pg = EmbeddedPostgres(root / "pg", durable=True)
+        self.pg = EmbeddedPostgres(root / "pg", durable=True, bin_dir=postgres_bin_dir)
         self.redis = EmbeddedRedis(root / "redis")
         self._names = itertools.count(1)
         self.least_privilege_runs = 0

@@ -13,19 +13,24 @@ from pathlib import Path
 
 import pytest
 
+from lqjobs.ops.embedded import system_postgres_bin_dir
 from tests.chaos.cluster import Cluster
 from tests.chaos.scenarios import QUICK, SCENARIOS, Scale
 from tests.chaos.scoreboard import summary, table
+from tests.databases import PostgresServer
 
 pytestmark = pytest.mark.integration
 SEED = int(os.environ.get("LQJOBS_CHAOS_SEED") or random.randrange(10_000))
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(postgres_server: PostgresServer) -> Iterator[Cluster]:
+    """A cluster of its own (scenarios kill and restart its servers), built from the
+    binaries of the session's server: embedded, or the system install."""
     # not under pytest's tmp dir: postgres runs as a non-root user who must reach it
     root = Path(tempfile.mkdtemp(prefix="lqjobs-chaos-"))
-    running = Cluster(root, SEED).start()
+    bin_dir = system_postgres_bin_dir() if postgres_server.kind == "system" else None
+    running = Cluster(root, SEED, postgres_bin_dir=bin_dir).start()
     yield running
     running.stop()
     shutil.rmtree(root, ignore_errors=True)

@@ -38,7 +38,8 @@ from tests.processes import Process, environment
 from tests.slowloris import SlowClients, server_connections, server_sockets, thread_count
 from tests.stack import flush_broker, make_settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 Conn = psycopg.Connection[Any]
 DEADLINE = 3.0  # LQJOBS_CALLBACK_REQUEST_TIMEOUT in these tests
 CAP = 32  # LQJOBS_CALLBACK_MAX_CONNECTIONS

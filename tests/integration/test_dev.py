@@ -19,7 +19,8 @@ import pytest
 
 from tests.processes import ROOT, environment
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 
 class Terminal:

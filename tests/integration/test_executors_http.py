@@ -33,7 +33,8 @@ from lqjobs.executors import (
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 DB_ID = "5b5a1e4e-0b7e-4f69-9a3e-1f1d8a2b7c11"
 TOKEN_QUERY = "token=v1.k1.abc.def"

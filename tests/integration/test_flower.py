@@ -24,7 +24,8 @@ from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.stack import count, flush_broker, make_settings, stack
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 TENANT = UUID("f10e4000-0000-4000-8000-00000000f10e")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -37,7 +37,8 @@ from tests import processes
 from tests.least_privilege import Logins, granted_logins
 from tests.stack import count
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 TENANT = UUID("11111111-2222-3333-4444-555555555555")
 DB_PASSWORD = "pw-CANARY-1"
 CALLBACK_KEYS = "k1:CANARY-2-" + "s" * 40

@@ -18,7 +18,8 @@ from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.stack import add_jobs, count, flush_broker
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 
 @pytest.fixture

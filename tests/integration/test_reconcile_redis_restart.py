@@ -31,7 +31,8 @@ from lqjobs.ops.function_calls import CallRecord
 from tests import processes
 from tests.stack import add_jobs, bridge, count, make_settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 JOBS = 48
 SLEEP = 0.4  # seconds per call: 48 calls over 8 slots is about 2.5 s of work

@@ -14,7 +14,8 @@ from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from tests.stack import add_jobs, make_settings, stack
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 
 def open_sockets_to(port: int) -> int:

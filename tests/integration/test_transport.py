@@ -20,7 +20,8 @@ from lqjobs.ops.embedded import EmbeddedRedis
 from lqjobs.transport import Channel, Transport
 from tests.stack import flush_broker, make_settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 MESSAGES = 40
 
 

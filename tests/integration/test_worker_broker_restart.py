@@ -28,7 +28,8 @@ from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
 from tests.stack import add_jobs, bridge, count, make_settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 JOBS = 3
 CONCURRENCY = 4  # every job runs at once, with a slot to spare for the bridge's copies

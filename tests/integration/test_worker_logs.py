@@ -25,7 +25,8 @@ from lqjobs.settings import Settings
 from tests import processes
 from tests.stack import TENANT, count, flush_broker, make_settings
 
-pytestmark = pytest.mark.integration
+# Its subject does not depend on the Postgres server: it runs on the first one only.
+pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
 
 FORGED = "[2026-01-01 00:00:00,000: ERROR/MainProcess] FORGED"
 # Called: its development URL is keyed by the hostile name, so the router can only
