@@ -38,6 +38,16 @@ def granted_logins(admin_url: str, password: str = "not-checked") -> Iterator[Lo
     names = roles.RoleNames.with_prefix(unique_prefix())
     with psycopg.connect(admin_url) as conn:
         roles.apply_grants(conn, roles=names)
+    logins = create_logins(admin_url, names, password)
+    try:
+        yield logins
+    finally:
+        drop_roles(admin_url, [*logins.users.values(), *names.by_component().values()])
+
+
+def create_logins(admin_url: str, names: roles.RoleNames, password: str = "not-checked") -> Logins:
+    """One ``<group>_login`` LOGIN user in each group role, created as ``admin_url``'s
+    user (a superuser, or one with CREATEROLE and ADMIN on the groups)."""
     users = {component: f"{group}_login" for component, group in names.by_component().items()}
     with psycopg.connect(admin_url, autocommit=True) as admin:
         for component, user in users.items():
@@ -52,10 +62,7 @@ def granted_logins(admin_url: str, password: str = "not-checked") -> Iterator[Lo
         component: psycopg.conninfo.make_conninfo(admin_url, user=user, password=password)
         for component, user in users.items()
     }
-    try:
-        yield Logins(names, users, urls)
-    finally:
-        drop_roles(admin_url, [*users.values(), *names.by_component().values()])
+    return Logins(names, users, urls)
 
 
 def drop_roles(admin_url: str, role_names: list[str]) -> None:
