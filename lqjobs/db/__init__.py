@@ -7,6 +7,7 @@ One module per role, each a class over one jobs schema:
 - :mod:`~lqjobs.db.fence` — every lease-checked statement (preflight, fenced writes);
 - :mod:`~lqjobs.db.reads` — read-only views (in-flight, wake timer, gauges, status);
 - :mod:`~lqjobs.db.schema` — installing the schema;
+- :mod:`~lqjobs.db.server` — the server's version and settings, a NOTIFY round trip;
 - :mod:`~lqjobs.db.base` — connections, LISTEN, error translation, shared columns.
 
 A component imports the role classes it calls and nothing else; :class:`JobsDB`

@@ -411,8 +411,9 @@ def dev_command(ctx: Context, data_dir: Path, no_demo: bool, flower_port: int) -
 @pass_context
 @handles_errors
 def doctor_command(ctx: Context) -> None:
-    """Check the settings and timeout ladder, the broker, the schema and the queue;
-    exit 1 when something will stop jobs from running."""
+    """Check the settings and timeout ladder, the broker, the schema and the queue,
+    the server's version and JIT, and that notifications reach the listener; exit 1
+    when something will stop jobs from running as they should."""
     from lqjobs.ops import doctor
 
     findings = doctor.diagnose(ctx.settings)

@@ -7,6 +7,8 @@ fail (jobs will not run as they should). The command exits 1 on any fail.
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -15,6 +17,7 @@ import redis
 
 from lqjobs import db
 from lqjobs.broker_state import is_redis
+from lqjobs.db import server
 from lqjobs.errors import LqJobsError
 from lqjobs.logs import escaped
 from lqjobs.settings import Settings, redact_url
@@ -157,6 +160,106 @@ def check_database(settings: Settings) -> list[Finding]:
     return findings
 
 
+# What CI runs (README, "Supported servers"); 13 is the oldest the schema can run on
+# (gen_random_uuid() is core from 13 on, and the SQL needs no extension).
+TESTED_MAJORS = (15, 18)
+OLDEST_MAJOR = 13
+# How long the listener check waits for its own notification: a direct connection
+# hears it within milliseconds.
+NOTIFY_TIMEOUT = 2.0
+
+
+def check_server(settings: Settings) -> list[Finding]:
+    """The server's version, and whether JIT compilation is on and possible there
+    (then any statement planned above jit_above_cost pays for an LLVM compile)."""
+    try:
+        with db.connect(settings.conninfo(), autocommit=True) as conn:
+            info = server.server_info(conn)
+    except LqJobsError as exc:
+        return [Finding("server", Level.FAIL, str(exc))]
+    return [_version_finding(info), _jit_finding(info)]
+
+
+def _version_finding(info: server.ServerInfo) -> Finding:
+    shown = f"PostgreSQL {info.version}"
+    if info.major < OLDEST_MAJOR:
+        return Finding(
+            "server",
+            Level.WARN,
+            f"{shown}: older than {OLDEST_MAJOR}, the oldest lqjobs is expected to work on",
+        )
+    tested = ", ".join(str(major) for major in TESTED_MAJORS)
+    if info.major in TESTED_MAJORS:
+        return Finding("server", Level.OK, f"{shown} (tested: {tested})")
+    return Finding("server", Level.OK, f"{shown} (expected to work; tested: {tested})")
+
+
+def _jit_finding(info: server.ServerInfo) -> Finding:
+    if not info.jit:
+        return Finding("jit", Level.OK, "off")
+    if not info.jit_available:
+        return Finding("jit", Level.OK, "on, but no JIT provider is installed: never used")
+    return Finding("jit", Level.OK, f"on, available (jit_above_cost {info.jit_above_cost:g})")
+
+
+def check_listener(settings: Settings) -> list[Finding]:
+    """Whether a NOTIFY sent through DATABASE_URL reaches a LISTEN on the listen URL,
+    tried for real: a transaction pooler in between loses it without an error."""
+    if settings.listens_through_pooler():
+        return [
+            Finding(
+                "listener",
+                Level.WARN,
+                "poll only (LQJOBS_DATABASE_POOL_MODE=transaction, no "
+                "LQJOBS_LISTEN_DATABASE_URL): new jobs wait up to LQJOBS_POLL_INTERVAL "
+                f"({settings.poll_interval:g}s); set LQJOBS_LISTEN_DATABASE_URL to a direct "
+                "URL to be woken at once",
+            )
+        ]
+    where = "LISTEN on DATABASE_URL"
+    if settings.listen_database_url is not None:
+        where = f"LISTEN on LQJOBS_LISTEN_DATABASE_URL ({redact_url(settings.listen_conninfo())})"
+    try:
+        heard_after, databases = _notify_round_trip(settings)
+    except LqJobsError as exc:
+        return [Finding("listener", Level.FAIL, f"{where}: {exc}")]
+    if heard_after is None:
+        return [Finding("listener", Level.FAIL, _lost_notification(where, *databases))]
+    return [Finding("listener", Level.OK, f"{where}: NOTIFY heard in {heard_after * 1000:.0f} ms")]
+
+
+def _notify_round_trip(settings: Settings) -> tuple[float | None, tuple[str, str]]:
+    """Seconds from a NOTIFY sent through DATABASE_URL until a LISTEN on the listen URL
+    hears it (None: not within NOTIFY_TIMEOUT), and the databases the two reached."""
+    channel = f"lqjobs:doctor:{secrets.token_hex(8)}"  # no one else's notifications
+    payload = secrets.token_hex(8)
+    with (
+        db.connect(settings.listen_conninfo(), autocommit=True) as listener,
+        db.connect(settings.conninfo(), autocommit=True) as sender,
+    ):
+        db.listen(listener, channel)
+        started = time.monotonic()
+        server.notify(sender, channel, payload)
+        heard = server.wait_for_notification(listener, channel, payload, NOTIFY_TIMEOUT)
+        elapsed = time.monotonic() - started
+        databases = (server.database_name(listener), server.database_name(sender))
+    return (elapsed if heard else None), databases
+
+
+def _lost_notification(where: str, listen_db: str, sent_db: str) -> str:
+    lost = f"{where} did not hear a NOTIFY sent through DATABASE_URL within {NOTIFY_TIMEOUT:g}s"
+    if listen_db != sent_db:
+        return (
+            f"{lost}; the listen URL is database {escaped(listen_db)}, DATABASE_URL is "
+            f"{escaped(sent_db)}, and notifications stay in their database"
+        )
+    return (
+        f"{lost}; a transaction pooler in between loses notifications: set "
+        "LQJOBS_LISTEN_DATABASE_URL to a direct URL, or LQJOBS_DATABASE_POOL_MODE=transaction "
+        "to poll only"
+    )
+
+
 def check_schedules(settings: Settings) -> list[Finding]:
     """Scheduled jobs that may never fire again (see ``lqjobs schedules``)."""
     from lqjobs.scheduler import report as schedule_report
@@ -183,7 +286,14 @@ def check_schedules(settings: Settings) -> list[Finding]:
     ]
 
 
-CHECKS: list[Check] = [check_settings, check_broker, check_database, check_schedules]
+CHECKS: list[Check] = [
+    check_settings,
+    check_broker,
+    check_database,
+    check_server,
+    check_listener,
+    check_schedules,
+]
 
 
 def diagnose(settings: Settings, checks: list[Check] | None = None) -> list[Finding]:
