@@ -1,7 +1,7 @@
 # Conveniences; the README's two commands need none of this.
 PYTHON ?= python
 
-.PHONY: test chaos chaos-quick bench
+.PHONY: test chaos chaos-quick bench bench-quick
 
 test:
 	$(PYTHON) -m pytest
@@ -14,3 +14,6 @@ chaos-quick:
 
 bench:
 	$(PYTHON) -m bench
+
+bench-quick:  # every row once, on the stock and the embedded server
+	$(PYTHON) -m bench --quick --postgres both

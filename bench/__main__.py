@@ -1,15 +1,18 @@
 """``python -m bench``: throughput and latency of lqjobs against the raw SQL limit.
 
-Starts its own Postgres (fsync on) and Redis from the embedded wheels, a
-function server, a Celery worker and a bridge, each in its own process, and
-prints one table. Every figure is the median of ``--runs`` runs (min-max beside
-it), and the SQL limit is measured in the same run, so ratios compare like
-with like.
+Starts its own Postgres servers (fsync on; ``--postgres``: the stock one from a
+system install, the embedded wheel's, both, or a URL), a Redis from its wheel, a
+function server, Celery workers and a bridge, each in its own process, and prints
+one table with a column per server. Every figure is the median of ``--runs`` runs
+(min-max beside it), and each server's SQL limit is measured in the same run, so
+ratios compare like with like. ``--quick``: small sizes, for CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +24,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,12 +33,14 @@ from typing import Any
 import psycopg
 from redis import Redis
 
-from bench import cpu
+from bench import cpu, servers
+from bench.servers import Server
+from bench.table import Column, Figure, median, render
 from lqjobs.db.queue import Queue
 from lqjobs.executors import Done, Invocation, build_router, make_http_client
 from lqjobs.ops import migrate
 from lqjobs.ops.dev import worker_argv
-from lqjobs.ops.embedded import EmbeddedPostgres, EmbeddedRedis, free_port, wait_until
+from lqjobs.ops.embedded import EmbeddedRedis, free_port, wait_until
 from lqjobs.settings import load_settings
 
 TENANT = "00000000-0000-0000-0000-00000000bead"
@@ -64,6 +70,21 @@ def _probe(url: str) -> psycopg.Connection[Any]:
     """The one connection the bench polls on: a connection per poll would start a
     Postgres backend every 20 ms, CPU taken from what is being measured."""
     return psycopg.connect(url, autocommit=True)
+
+
+def probe_backends(url: str) -> list[int]:
+    """The backend serving the bench's polls: its CPU is the bench client's."""
+    return [_probe(url).info.backend_pid]
+
+
+def close_probe(url: str) -> None:
+    _probe(url).close()
+    _probe.cache_clear()
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[max(int(len(ordered) * 0.99) - 1, 0)]
 
 
 def drained(url: str) -> bool:
@@ -234,12 +255,12 @@ def end_to_end(
 ) -> tuple[float, dict[str, float]]:
     """Jobs per second through the whole stack, and CPU milliseconds per job by component."""
     before = len(stack.calls())
-    cpu_before = cpu.snapshot(groups)
+    cpu_before = cpu.snapshot(groups, probe_backends(url))
     started = time.monotonic()
     add_jobs(url, n, payload)
     wait_until(lambda: drained(url), 600, f"{n} jobs to complete")
     elapsed = time.monotonic() - started
-    cpu_ms = cpu.per_job_ms(cpu_before, cpu.snapshot(groups), n)
+    cpu_ms = cpu.per_job_ms(cpu_before, cpu.snapshot(groups, probe_backends(url)), n)
     cpu_ms["idle"] = (os.cpu_count() or 1) * elapsed * 1000 / n - sum(cpu_ms.values())
     assert len(stack.calls()) - before >= n, "fewer function calls than jobs"
     return n / elapsed, cpu_ms
@@ -255,12 +276,34 @@ def latency(stack: Stack, url: str, n: int, gap: float) -> tuple[float, float]:
             committed[job.id] = time.monotonic()  # autocommit: returned = committed
             time.sleep(gap)
     wait_until(lambda: drained(url), 120, "latency jobs to complete")
-    delays = sorted(
-        (call["started"] - committed[call["job_id"]]) * 1000
-        for call in stack.calls()
-        if call["job_id"] in committed
-    )
-    return statistics.median(delays), delays[int(len(delays) * 0.99) - 1]
+    return p50_p99(called_after(stack, committed))
+
+
+def called_after(stack: Stack, since: dict[int, float]) -> list[float]:
+    """Milliseconds from ``since[job id]`` to the first call of each of those jobs."""
+    first: dict[int, float] = {}
+    for call in stack.calls():
+        if call["job_id"] in since:
+            first[call["job_id"]] = min(first.get(call["job_id"], math.inf), call["started"])
+    return [(started - since[job_id]) * 1000 for job_id, started in first.items()]
+
+
+def idle_latency(
+    stack: Stack, url: str, n: int, groups: dict[str, list[int]]
+) -> tuple[float, float, dict[str, float]]:
+    """add_job commit -> function called on an idle queue (ms p50, p99): each job is
+    added once the one before has completed, so the bridge waits in LISTEN and every
+    job costs a whole lock pass; and CPU milliseconds per job by component."""
+    jobs_db = Queue()
+    committed: dict[int, float] = {}
+    cpu_before = cpu.snapshot(groups, probe_backends(url))
+    with psycopg.connect(url, autocommit=True) as conn:
+        for _ in range(n):
+            job = jobs_db.add_job(conn, TENANT, "noop", {})
+            committed[job.id] = time.monotonic()  # autocommit: returned = committed
+            wait_until(lambda: drained(url), 30, "an idle-queue job to complete")
+    account = cpu.per_job_ms(cpu_before, cpu.snapshot(groups, probe_backends(url)), n)
+    return *p50_p99(called_after(stack, committed)), account
 
 
 def delayed_latency(stack: Stack, url: str, n: int, delay: float) -> tuple[float, float]:
@@ -275,10 +318,7 @@ def delayed_latency(stack: Stack, url: str, n: int, delay: float) -> tuple[float
             due[job.id] = mono + delay
             time.sleep(0.02)
     wait_until(lambda: drained(url), 120, "delayed jobs to complete")
-    late = sorted(
-        (c["started"] - due[c["job_id"]]) * 1000 for c in stack.calls() if c["job_id"] in due
-    )
-    return statistics.median(late), late[int(len(late) * 0.99) - 1]
+    return p50_p99(called_after(stack, due))
 
 
 def retry_latency(stack: Stack, url: str, n: int) -> tuple[float, float]:
@@ -295,11 +335,12 @@ def retry_latency(stack: Stack, url: str, n: int) -> tuple[float, float]:
     for call in stack.calls():
         if call["job_id"] in ids:
             calls.setdefault(call["job_id"], []).append(call)
-    late = sorted(
-        (second["started"] - first["ended"] - math.e) * 1000
-        for first, second in (sorted(c, key=lambda c: c["started"])[:2] for c in calls.values())
+    return p50_p99(
+        [
+            (second["started"] - first["ended"] - math.e) * 1000
+            for first, second in (sorted(c, key=lambda c: c["started"])[:2] for c in calls.values())
+        ]
     )
-    return statistics.median(late), late[int(len(late) * 0.99) - 1]
 
 
 def rss_mb(pid: int) -> float:
@@ -376,135 +417,290 @@ def locked(url: str) -> int:
     return int(found[0]) if found else 0
 
 
-def measure(runs: int, fn: Callable[[], float]) -> list[float]:
-    return [fn() for _ in range(runs)]
+@dataclass(frozen=True)
+class Plan:
+    """How much the bench measures on each server: jobs per figure, runs, workers."""
 
-
-def row(name: str, values: list[float], unit: str, limit: float | None) -> str:
-    med = statistics.median(values)
-    ratio = f"{med / limit:5.2f}x" if limit else "     "
-    digits = 2 if abs(med) < 10 else 1  # CPU per job is a fraction of a millisecond
-    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
-    return f"{name:<44} {med:9.{digits}f} {unit:<7} ({low}-{high})  {ratio}"
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--jobs", type=int, default=5000, help="no-op jobs end to end")
-    parser.add_argument("--slow-jobs", type=int, default=2000, help="50 ms jobs end to end")
-    parser.add_argument(
-        "--dispatch-jobs",
-        type=int,
-        default=2000,
-        help="jobs for the SQL limit and the dispatch ceiling (the same number for both)",
-    )
-    parser.add_argument("--runs", type=int, default=3)
+    jobs: int = 5000  # no-op jobs end to end, and the dispatch ceiling's bigger pile
+    slow_jobs: int = 2000  # 50 ms jobs end to end
+    dispatch_jobs: int = 2000  # the SQL limit's and the dispatch ceiling's
+    runs: int = 3
+    memory_jobs: int = 100_000  # 0 skips the RSS rows
     # The recommended setup for HTTP-bound work: thread pool, 8 threads per process, one
     # process per core plus one (docs/performance.md: the extra process fills the time the
     # others' threads spend waiting for their GIL).
-    parser.add_argument("--concurrency", type=int, default=8, help="threads per worker")
-    parser.add_argument(
-        "--workers", type=int, default=(os.cpu_count() or 1) + 1, help="worker processes"
-    )
-    parser.add_argument(
-        "--memory-jobs",
-        type=int,
-        default=100_000,
-        help="jobs for the RSS growth row (0 skips it)",
-    )
-    args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="lqjobs-bench-"))
-    folder.chmod(0o755)
-    pg = EmbeddedPostgres(folder / "pg", durable=True)
-    redis = EmbeddedRedis(folder / "redis")
-    pg.start()
-    redis.start()
+    concurrency: int = 8
+    workers: int = (os.cpu_count() or 1) + 1
+    latency_jobs: int = 200  # one every 20 ms
+    idle_jobs: int = 100  # each added once the one before completed
+    delayed_jobs: int = 100
+    retry_jobs: int = 50
+    one_at_a_time_jobs: int = 100
+    warmup_jobs: int = 200  # celery alone's and end to end's, before their clocks
+
+
+# A short bench on every server for CI: each row measured once, on small piles.
+QUICK = Plan(
+    jobs=300,
+    slow_jobs=150,
+    dispatch_jobs=300,
+    runs=1,
+    memory_jobs=0,
+    latency_jobs=50,
+    idle_jobs=20,
+    delayed_jobs=20,
+    retry_jobs=10,
+    one_at_a_time_jobs=20,
+    warmup_jobs=50,
+)
+OVERRIDABLE = (
+    "jobs",
+    "slow_jobs",
+    "dispatch_jobs",
+    "runs",
+    "memory_jobs",
+    "concurrency",
+    "workers",
+)
+LIMIT_LABEL = "SQL limit: get_job+complete_job, 8 conns"
+COMPONENTS = (
+    "bridge",
+    "Celery workers",
+    "function server",
+    "postgres",
+    "redis",
+    "bench client",
+    "idle",
+)
+
+
+def repeat(plan: Plan, fn: Callable[[], float]) -> list[float]:
+    return [fn() for _ in range(plan.runs)]
+
+
+def rate(label: str, values: Sequence[float], unit: str = "jobs/s") -> Figure:
+    return Figure(label, unit, values, vs_limit=True)
+
+
+def ms(label: str, values: Sequence[float]) -> Figure:
+    return Figure(label, "ms", values)
+
+
+def sql_limit_figures(url: str, plan: Plan) -> list[Figure]:
+    n = plan.dispatch_jobs
+    return [
+        rate("SQL limit: get_job+complete_job, 1 conn", repeat(plan, lambda: sql_drain(url, n, 1))),
+        rate(LIMIT_LABEL, repeat(plan, lambda: sql_drain(url, n, 8))),
+        rate(
+            "  the same, sessions walking the job index",
+            repeat(plan, lambda: sql_drain(url, n, 8, walk_index=True)),
+        ),
+    ]
+
+
+def dispatch_figures(stack: Stack, url: str, plan: Plan) -> list[Figure]:
+    ceiling = [dispatch_ceiling(stack, url, plan.dispatch_jobs) for _ in range(plan.runs)]
+    # With nobody consuming, each get_job walks past every job locked so far: the
+    # ceiling falls as the pile grows (in service the in-flight cap bounds it).
+    big_pile = repeat(plan, lambda: dispatch_ceiling(stack, url, plan.jobs)[0])
+    return [
+        rate("dispatch ceiling: bridge alone, no consumer", [rate for rate, _ in ceiling]),
+        rate(f"  the same over {plan.jobs} jobs (a bigger pile)", big_pile),
+        ms("bridge CPU per job (dispatch ceiling)", [cpu_ms for _, cpu_ms in ceiling]),
+    ]
+
+
+def celery_alone_figures(stack: Stack, redis_url: str, plan: Plan) -> list[Figure]:
+    stack.start_plain_celery()
     try:
-        migrate.migrate(pg.url)
-        print(
-            f"lqjobs bench: {args.jobs} no-op jobs, {args.slow_jobs} 50 ms jobs, SQL limit and "
-            f"dispatch ceiling over {args.dispatch_jobs}, {args.runs} runs, worker threads "
-            f"{args.concurrency} x {args.workers} processes, RSS over {args.memory_jobs} jobs, "
-            f"Postgres fsync on, logs in {folder}",
-            flush=True,
-        )
-        n = args.dispatch_jobs
-        sql1 = measure(args.runs, lambda: sql_drain(pg.url, n, 1))
-        sql8 = measure(args.runs, lambda: sql_drain(pg.url, n, 8))
-        sql8_walk = measure(args.runs, lambda: sql_drain(pg.url, n, 8, walk_index=True))
-        stack = Stack(pg.url, redis.url, folder, args.concurrency, args.workers)
-        ceiling = [dispatch_ceiling(stack, pg.url, n) for _ in range(args.runs)]
-        # With nobody consuming, each get_job walks past every job locked so far: the
-        # ceiling falls as the pile grows (in service the in-flight cap bounds it).
-        big_pile = [dispatch_ceiling(stack, pg.url, args.jobs)[0] for _ in range(args.runs)]
-        stack.start_plain_celery()
-        try:
-            celery_alone(redis.url, 200)  # warm-up
-            plain = measure(args.runs, lambda: celery_alone(redis.url, args.jobs))
-        finally:
-            stack.stop_plain_celery()
-        stack.start()
-        try:
-            groups = stack.cpu_groups({"postgres": pg.pid or 0, "redis": redis.pid or 0})
-            end_to_end(stack, pg.url, 200, None, groups)  # warm-up: imports, pools, connections
-            e2e_runs = [
-                end_to_end(stack, pg.url, args.jobs, None, groups) for _ in range(args.runs)
-            ]
-            slow_runs = [
-                end_to_end(stack, pg.url, args.slow_jobs, {"sleep": 0.05}, groups)
-                for _ in range(args.runs)
-            ]
-            single = measure(args.runs, lambda: one_at_a_time(stack, pg.url, 100, {"sleep": 0.05}))
-            lat = [latency(stack, pg.url, 200, 0.02) for _ in range(args.runs)]
-            late = [delayed_latency(stack, pg.url, 100, 0.5) for _ in range(args.runs)]
-            retry = [retry_latency(stack, pg.url, 50) for _ in range(args.runs)]
-            growth = memory_growth(stack, pg.url, args.memory_jobs) if args.memory_jobs else {}
-        finally:
-            stack.stop()
-        limit = statistics.median(sql8)
-        print(f"{'figure':<44} {'median':>9} {'unit':<7} (min-max)       vs SQL x8")
-        print(row("SQL limit: get_job+complete_job, 1 conn", sql1, "jobs/s", limit))
-        print(row("SQL limit: get_job+complete_job, 8 conns", sql8, "jobs/s", limit))
-        print(row("  the same, sessions walking the job index", sql8_walk, "jobs/s", limit))
-        print(
-            row(
-                "dispatch ceiling: bridge alone, no consumer",
-                [c for c, _ in ceiling],
-                "jobs/s",
-                limit,
-            )
-        )
-        print(row(f"  the same over {args.jobs} jobs (a bigger pile)", big_pile, "jobs/s", limit))
-        print(row("bridge CPU per job (dispatch ceiling)", [ms for _, ms in ceiling], "ms", None))
-        print(row("Celery alone: no-op task, same workers", plain, "tasks/s", limit))
-        print(
-            row("end to end, no-op function (Knative)", [r for r, _ in e2e_runs], "jobs/s", limit)
-        )
-        for name in e2e_runs[0][1]:
-            label = f"  no-op e2e CPU per job: {name}"
-            print(row(label, [account[name] for _, account in e2e_runs], "ms", None))
-        print(
-            row("end to end, 50 ms function (Knative)", [r for r, _ in slow_runs], "jobs/s", limit)
-        )
-        print(row("  one at a time (get, call, complete), 50 ms", single, "jobs/s", limit))
-        gain = statistics.median(r for r, _ in slow_runs) / statistics.median(single)
-        print(f"{'  50 ms: end to end / one at a time':<44} {gain:9.1f} x       (medians)")
-        print(row("latency add_job -> function called, p50", [p50 for p50, _ in lat], "ms", None))
-        print(row("latency add_job -> function called, p99", [p99 for _, p99 in lat], "ms", None))
-        print(
-            row("delayed job: called after its run_at, p50", [p50 for p50, _ in late], "ms", None)
-        )
-        print(
-            row("delayed job: called after its run_at, p99", [p99 for _, p99 in late], "ms", None)
-        )
-        print(row("retry: called after its back-off, p50", [p50 for p50, _ in retry], "ms", None))
-        print(row("retry: called after its back-off, p99", [p99 for _, p99 in retry], "ms", None))
-        for name, (first, last) in growth.items():
-            label = f"RSS growth {name} ({first:.0f} -> {last:.0f} MB)"
-            print(row(label, [last - first], "MB", None))
+        celery_alone(redis_url, plan.warmup_jobs)
+        plain = repeat(plan, lambda: celery_alone(redis_url, plan.jobs))
     finally:
-        pg.stop()
-        redis.stop()
+        stack.stop_plain_celery()
+    return [rate("Celery alone: no-op task, same workers", plain, "tasks/s")]
+
+
+def cpu_figures(prefix: str, accounts: Sequence[dict[str, float]]) -> list[Figure]:
+    """A row per component; a component not measured (a remote server) has no values."""
+    return [
+        ms(f"{prefix}{name}", [account[name] for account in accounts if name in account])
+        for name in COMPONENTS
+    ]
+
+
+def end_to_end_figures(
+    stack: Stack, url: str, plan: Plan, groups: dict[str, list[int]]
+) -> list[Figure]:
+    end_to_end(stack, url, plan.warmup_jobs, None, groups)  # imports, pools, connections
+    noop = [end_to_end(stack, url, plan.jobs, None, groups) for _ in range(plan.runs)]
+    slow_payload = {"sleep": 0.05}
+    slow = [end_to_end(stack, url, plan.slow_jobs, slow_payload, groups) for _ in range(plan.runs)]
+    n = plan.one_at_a_time_jobs
+    single = repeat(plan, lambda: one_at_a_time(stack, url, n, {"sleep": 0.05}))
+    gain = median([r for r, _ in slow]) / median(single)
+    return [
+        rate("end to end, no-op function (Knative)", [r for r, _ in noop]),
+        *cpu_figures("  no-op e2e CPU per job: ", [account for _, account in noop]),
+        rate("end to end, 50 ms function (Knative)", [r for r, _ in slow]),
+        rate("  one at a time (get, call, complete), 50 ms", single),
+        Figure("  50 ms: end to end / one at a time", "x", [gain], note="(medians)"),
+    ]
+
+
+def latency_figures(
+    stack: Stack, url: str, plan: Plan, groups: dict[str, list[int]]
+) -> list[Figure]:
+    idle = [idle_latency(stack, url, plan.idle_jobs, groups) for _ in range(plan.runs)]
+    every_20ms = [latency(stack, url, plan.latency_jobs, 0.02) for _ in range(plan.runs)]
+    late = [delayed_latency(stack, url, plan.delayed_jobs, 0.5) for _ in range(plan.runs)]
+    retry = [retry_latency(stack, url, plan.retry_jobs) for _ in range(plan.runs)]
+    postgres_ms = [account["postgres"] for *_, account in idle if "postgres" in account]
+    return [
+        ms("idle queue: add_job -> function called, p50", [p50 for p50, _, _ in idle]),
+        ms("idle queue: add_job -> function called, p99", [p99 for _, p99, _ in idle]),
+        ms("  idle queue: Postgres CPU per job", postgres_ms),
+        ms("every 20 ms: add_job -> function called, p50", [p50 for p50, _ in every_20ms]),
+        ms("every 20 ms: add_job -> function called, p99", [p99 for _, p99 in every_20ms]),
+        ms("delayed job: called after its run_at, p50", [p50 for p50, _ in late]),
+        ms("delayed job: called after its run_at, p99", [p99 for _, p99 in late]),
+        ms("retry: called after its back-off, p50", [p50 for p50, _ in retry]),
+        ms("retry: called after its back-off, p99", [p99 for _, p99 in retry]),
+    ]
+
+
+def memory_figures(stack: Stack, url: str, plan: Plan) -> list[Figure]:
+    if not plan.memory_jobs:
+        return []
+    growth = memory_growth(stack, url, plan.memory_jobs)
+    return [
+        Figure(f"RSS growth: {name}", "MB", [last - first], note=f"({first:.0f} -> {last:.0f} MB)")
+        for name, (first, last) in growth.items()
+    ]
+
+
+def timed(heading: str, what: str, measure: Callable[[], list[Figure]]) -> list[Figure]:
+    """``measure()``, saying on stderr how long it took (the table comes at the end)."""
+    started = time.monotonic()
+    figures = measure()
+    elapsed = time.monotonic() - started
+    print(f"  {heading}: {what} took {elapsed:.1f} s", file=sys.stderr, flush=True)
+    return figures
+
+
+def stack_figures(
+    stack: Stack, server: Server, redis: EmbeddedRedis, plan: Plan, heading: str
+) -> list[Figure]:
+    """Everything measured through the whole stack: bridge, workers, function."""
+    measured = {"redis": redis.pid or 0}
+    if server.postmaster_pid is not None:
+        measured = {"postgres": server.postmaster_pid, **measured}
+    stack.start()
+    try:
+        groups = stack.cpu_groups(measured)
+        url = server.url
+        return [
+            *timed(heading, "end to end", lambda: end_to_end_figures(stack, url, plan, groups)),
+            *timed(heading, "latency", lambda: latency_figures(stack, url, plan, groups)),
+            *timed(heading, "memory", lambda: memory_figures(stack, url, plan)),
+        ]
+    finally:
+        stack.stop()
+
+
+def measure_server(
+    server: Server, heading: str, redis: EmbeddedRedis, folder: Path, plan: Plan
+) -> Column:
+    """Every row on one server, its own SQL limit included; ``folder``: its logs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    flush_redis(redis.url)
+    url = server.url
+    probe_backends(url)  # the poll connection, open before any CPU account
+    try:
+        figures = timed(heading, "SQL limit", lambda: sql_limit_figures(url, plan))
+        stack = Stack(url, redis.url, folder, plan.concurrency, plan.workers)
+        figures += timed(heading, "dispatch", lambda: dispatch_figures(stack, url, plan))
+        figures += timed(
+            heading, "Celery alone", lambda: celery_alone_figures(stack, redis.url, plan)
+        )
+        figures += stack_figures(stack, server, redis, plan, heading)
+    finally:
+        close_probe(server.url)
+    limit = median(next(figure.values for figure in figures if figure.label == LIMIT_LABEL))
+    return Column(heading, figures, limit)
+
+
+def flush_redis(url: str) -> None:
+    client = Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument(
+        "--postgres",
+        type=servers.parse_choice,
+        default=None,
+        metavar="stock|embedded|both|URL",
+        help="the servers to measure, a column each (default: stock, else embedded)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes: a short bench for CI")
+    parser.add_argument("--jobs", type=int, help="no-op jobs end to end (5000)")
+    parser.add_argument("--slow-jobs", type=int, help="50 ms jobs end to end (2000)")
+    parser.add_argument(
+        "--dispatch-jobs",
+        type=int,
+        help="jobs for the SQL limit and the dispatch ceiling, the same for both (2000)",
+    )
+    parser.add_argument("--runs", type=int, help="runs per figure (3)")
+    parser.add_argument("--concurrency", type=int, help="threads per worker (8)")
+    parser.add_argument("--workers", type=int, help="worker processes (one per core plus one)")
+    parser.add_argument(
+        "--memory-jobs", type=int, help="jobs for the RSS growth rows, 0 skips them (100000)"
+    )
+    return parser.parse_args()
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """--quick's sizes or the defaults, with the sizes given on the command line."""
+    given = {name: getattr(args, name) for name in OVERRIDABLE if getattr(args, name) is not None}
+    return dataclasses.replace(QUICK if args.quick else Plan(), **given)
+
+
+def intro(plan: Plan, folder: Path) -> str:
+    return (
+        f"lqjobs bench: {plan.jobs} no-op jobs, {plan.slow_jobs} 50 ms jobs, SQL limit and "
+        f"dispatch ceiling over {plan.dispatch_jobs}, {plan.runs} runs, worker threads "
+        f"{plan.concurrency} x {plan.workers} processes, RSS over {plan.memory_jobs} jobs, "
+        f"logs in {folder}"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    plan = plan_from(args)
+    kinds = servers.chosen(args.postgres)
+    folder = Path(tempfile.mkdtemp(prefix="lqjobs-bench-"))
+    folder.chmod(0o755)  # postgres runs as a non-root user when the bench runs as root
+    with contextlib.ExitStack() as running:
+        redis = EmbeddedRedis(folder / "redis")
+        redis.start()
+        running.callback(redis.stop)
+        measured = [running.enter_context(servers.running(kind, folder)) for kind in kinds]
+        for server in measured:
+            migrate.migrate(server.url)
+        descriptions = [servers.describe(server.url) for server in measured]
+        print(intro(plan, folder))
+        for server, description in zip(measured, descriptions, strict=True):
+            print(servers.describe_line(server, description), flush=True)
+        columns = [
+            measure_server(server, heading, redis, folder / server.kind, plan)
+            for server, heading in (
+                (server, servers.heading(server, description))
+                for server, description in zip(measured, descriptions, strict=True)
+            )
+        ]
+    print("\n".join(render(columns)))
 
 
 if __name__ == "__main__":

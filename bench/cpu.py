@@ -7,7 +7,7 @@ live or already reaped), so the figures add up to what the machine spent.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -31,8 +31,11 @@ def _children_by_parent() -> dict[int, list[int]]:
     return children
 
 
-def tree_seconds(pid: int, children: Mapping[int, list[int]] | None = None) -> float:
-    """CPU seconds of a process, its reaped children and its live descendants."""
+def tree_seconds(
+    pid: int, children: Mapping[int, list[int]] | None = None, skip: Collection[int] = ()
+) -> float:
+    """CPU seconds of a process, its reaped children and its live descendants but
+    those in ``skip`` (and theirs)."""
     children = _children_by_parent() if children is None else children
     try:
         fields = _stat_fields(pid)
@@ -40,17 +43,24 @@ def tree_seconds(pid: int, children: Mapping[int, list[int]] | None = None) -> f
         return 0.0
     # utime, stime, cutime, cstime (fields 14-17 of proc(5), 0-based 11-14 here)
     total = sum(int(value) for value in fields[11:15]) / TICKS
-    return total + sum(tree_seconds(child, children) for child in children.get(pid, []))
+    kept = [child for child in children.get(pid, []) if child not in skip]
+    return total + sum(tree_seconds(child, children, skip) for child in kept)
 
 
-def snapshot(pids: Mapping[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of each named group of process trees, plus this process."""
+def snapshot(
+    pids: Mapping[str, list[int]], client_backends: Collection[int] = ()
+) -> dict[str, float]:
+    """CPU seconds so far of each named group of process trees, plus this process's:
+    the bench client, with ``client_backends`` (the Postgres backends serving its
+    polls, counted as the client's, not as Postgres')."""
     children = _children_by_parent()
     seconds = {
-        name: sum(tree_seconds(pid, children) for pid in group) for name, group in pids.items()
+        name: sum(tree_seconds(pid, children, client_backends) for pid in group)
+        for name, group in pids.items()
     }
     own = os.times()
-    seconds["bench client"] = own.user + own.system
+    polls = sum(tree_seconds(pid, children) for pid in client_backends)
+    seconds["bench client"] = own.user + own.system + polls
     return seconds
 
 
