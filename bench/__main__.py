@@ -94,7 +94,8 @@ def drained(url: str) -> bool:
 
 def sql_drain(url: str, n: int, connections: int, walk_index: bool = False) -> float:
     """The raw SQL limit: get_job + complete_job in a loop, no Celery, no HTTP;
-    ``walk_index``: on sessions set up as the bridge sets up its own."""
+    ``walk_index``: on sessions with sorting disabled, so that get_job walks its
+    index on every call, as it does inside the bridge's lock statement."""
     add_jobs(url, n)
     jobs_db = Queue()
 
