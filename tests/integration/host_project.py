@@ -6,8 +6,10 @@ not lqjobs' package of the same name."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -135,8 +137,21 @@ def worker(
     return processes.Process(name, argv, worker_environment(env), logs, cwd=project)
 
 
-def client(env: dict[str, str]) -> Celery:
-    """What the shop's web process would use to send its own tasks and read results."""
+@contextlib.contextmanager
+def client(env: dict[str, str]) -> Iterator[Celery]:
+    """What the shop's web process would use to send its own tasks and read results;
+    its broker and result-backend connections closed at the end."""
+    app = _client_app(env)
+    try:
+        yield app
+    finally:
+        backend = app.backend
+        backend.result_consumer.stop()  # the pub/sub connection results arrive on
+        backend.client.connection_pool.disconnect()
+        app.close()
+
+
+def _client_app(env: dict[str, str]) -> Celery:
     app = Celery(
         "client",
         broker=env["HOST_BROKER_URL"],

@@ -45,9 +45,8 @@ def test_one_worker_runs_the_shop_s_tasks_and_app_jobs_jobs_each_as_its_own(
     native_ids = add_jobs(db_url, host_project.NATIVE_TASK, 2)
     broker = redis.Redis.from_url(redis_url)
     results = redis.Redis.from_url(results_url)
-    shop = host_project.client(env)
     try:
-        with processes.running(processes.bridge(env, tmp_path)):
+        with host_project.client(env) as shop, processes.running(processes.bridge(env, tmp_path)):
             # Before any worker: the jobs wait on lqjobs' queue, as JSON.
             wait_until(lambda: broker.llen(QUEUE) == 8, 30, "the bridge to publish every job")
             assert {m["content-type"] for m in queued(broker, QUEUE)} == {"application/json"}
@@ -68,7 +67,6 @@ def test_one_worker_runs_the_shop_s_tasks_and_app_jobs_jobs_each_as_its_own(
             started = sorted(k.decode() for k in broker.scan_iter("lqjobs:started:*"))
             stored = {k.decode() for k in results.scan_iter("celery-task-meta-*")}
     finally:
-        shop.close()
         broker.close()
         results.close()
 
