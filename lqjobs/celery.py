@@ -269,6 +269,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = Celery("lqjobs", set_as_current=False)
     app.conf.update(celery_config(settings))
+    # Loaded now, so the route is in place at once: the bridge and the tests read the
+    # configuration straight away, and a test may replace the routes afterwards.
+    app.conf.get("task_routes")
     register(app, settings)
     return app
 
