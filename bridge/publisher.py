@@ -49,7 +49,8 @@ class CeleryPublisher:
         self.app = app
         self._queue = _direct_queue(app)
         self._origin = anon_nodename()
-        self._time_limits = [app.conf.task_time_limit, app.conf.task_soft_time_limit]
+        task = app.tasks[TASK_NAME]  # the limits lqjobs' task carries, as send_task sends them
+        self._time_limits = [task.time_limit, task.soft_time_limit]
         self._encode = json.JSONEncoder(ensure_ascii=True, separators=(", ", ": ")).encode
 
     def publish(self, jobs: Sequence[JobRow]) -> None:

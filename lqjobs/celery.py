@@ -3,7 +3,8 @@ and the worker's log format.
 
 ``celery -A tasks worker`` builds the app with :func:`create_app` and logs in
 lqjobs' format (:func:`install_log_format`); an existing Celery shop calls
-:func:`register` on its own app instead, which leaves its logging alone. Nothing
+:func:`register` on its own app instead, which adds the task and its route and
+leaves the app's configuration and logging alone (docs/celery-shops.md). Nothing
 here imports a top-level ``tasks`` module, so a project's own ``tasks.py`` cannot
 shadow it.
 """
@@ -14,14 +15,17 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from logging.handlers import WatchedFileHandler
 from typing import Any, Literal
 
 from celery import Celery, Task, signals
+from pydantic import SecretStr
 
 from lqjobs.broker_state import is_redis
 from lqjobs.errors import ConfigurationError
+from lqjobs.host_checks import lqjobs_broker, worker_concerns
 from lqjobs.lease import TASK_NAME, Lease
 from lqjobs.logs import KeyValueFormatter
 from lqjobs.settings import Settings, load_settings
@@ -30,34 +34,73 @@ from lqjobs.worker import JobRunner, Result, build_runner
 
 BUSY_RETRY_SECONDS = 2.0
 MAX_RETRY_SECONDS = 30.0
+log = logging.getLogger(__name__)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    """Settings that make a job impossible to lose: late acks, requeue on a lost
-    worker, one prefetched message per slot, JSON only."""
-    broker_url = settings.broker_url.get_secret_value()
+    """lqjobs' own app (:func:`create_app`): settings that make a job impossible to lose
+    (late acks, requeue on a lost worker, one prefetched message per slot, JSON only),
+    for the whole app. A host app gets the task-level ones on lqjobs' task instead
+    (:func:`register`)."""
     return {
-        "broker_url": broker_url,
-        **redis_transport(broker_url),
+        **dedicated_worker_config(settings),
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": redis_transport_options(settings.visibility_timeout),
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
         "task_ignore_result": True,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
+        # `celery -A tasks worker` consumes lqjobs' queue without a -Q.
+        "task_default_queue": settings.queue,
         # Flower builds its task list from the worker's events; a "task-sent" event per
         # message would cost the bridge a quarter of its publish time.
         "task_send_sent_event": False,
         "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+    }
+
+
+def dedicated_worker_config(settings: Settings) -> dict[str, Any]:
+    """The settings that exist only per worker or broker connection, as lqjobs wants
+    them: LQJOBS_BROKER_URL with lqjobs' Redis transport, its visibility timeout and
+    unacked sweep, one prefetched message per slot, running calls kept on a lost
+    connection. :func:`register` never applies them; a host's process that runs only
+    lqjobs' queue may (``app.conf.update(dedicated_worker_config(settings))``,
+    docs/celery-shops.md), since they reach every queue on that connection."""
+    broker_url = settings.broker_url.get_secret_value()
+    return {
+        "broker_url": broker_url,
+        **redis_transport(broker_url),
+        "broker_transport_options": redis_transport_options(settings.visibility_timeout),
+        "worker_prefetch_multiplier": 1,
         # Running calls finish on a broker hiccup; their redelivery is dropped by the
         # lease check once the job is settled.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
-        "worker_hijack_root_logger": False,
+    }
+
+
+def task_options(settings: Settings) -> dict[str, Any]:
+    """What the run_job task carries itself, so that no host setting reaches it: Celery
+    reads each of these from the app's configuration only where the task leaves it
+    unset (``Task.from_config``)."""
+    return {
+        "acks_late": True,
+        "acks_on_failure_or_timeout": True,
+        "acks_on_failure": True,
+        "acks_on_timeout": True,  # a hard time limit: the row waits for E (F12)
+        "reject_on_worker_lost": True,  # the redelivery records "worker lost" (F5)
+        "retry_on_worker_lost": False,
+        "ignore_result": True,
+        "store_errors_even_if_ignored": False,
+        "store_eager_result": False,
+        "track_started": False,
+        "serializer": "json",  # the worker's retries, as the bridge publishes
+        "soft_time_limit": settings.task_soft_time_limit,
+        "time_limit": settings.task_time_limit,
+        "max_retries": None,
     }
 
 
@@ -110,8 +153,9 @@ class _PerProcess:
 
 
 def register_run_job(app: Celery, settings: Settings) -> Any:
-    """Add the run_job task to ``app``; returns the Celery task."""
-    runners = _PerProcess(lambda: build_runner(settings))
+    """Add the run_job task to ``app``; returns the Celery task (a proxy until the app
+    is finalized: nothing here reads the app's configuration)."""
+    runners = _PerProcess(lambda: build_runner(_with_broker(settings, app)))
 
     def run_job(
         self: Task,
@@ -131,17 +175,18 @@ def register_run_job(app: Celery, settings: Settings) -> Any:
             raise self.retry(countdown=retry_delay(self.request.retries))
         return str(result.value)
 
-    task = app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        reject_on_worker_lost=True,
-        ignore_result=True,
-        max_retries=None,
-        shared=False,
+    # ``runners`` lets an embedding process (or a test) close the pools.
+    return app.task(
+        name=TASK_NAME, bind=True, shared=False, runners=runners, **task_options(settings)
     )(run_job)
-    task.runners = runners  # lets an embedding process (or a test) close the pools
-    return task
+
+
+def _with_broker(settings: Settings, app: Celery) -> Settings:
+    """The settings a worker of ``app`` runs with: LQJOBS_BROKER_URL unset means the
+    app's own broker, where its lqjobs messages arrive and its start claims belong."""
+    if settings.broker_url_given():
+        return settings
+    return settings.model_copy(update={"broker_url": SecretStr(lqjobs_broker(app, settings))})
 
 
 def retry_delay(retries: int) -> float:
@@ -150,15 +195,83 @@ def retry_delay(retries: int) -> float:
 
 
 def register(app: Celery, settings: Settings) -> None:
-    """Add lqjobs' task (and its configuration) to an existing Celery app."""
+    """Add lqjobs' task to an existing Celery app, changing nothing global.
+
+    Everything lqjobs' guarantees need travels on its task (:func:`task_options`)
+    and its queue: one route sends ``lqjobs.run_job`` to ``LQJOBS_QUEUE``, ahead of
+    the app's own routes. Settings that exist only per worker (prefetch, accepted
+    content, the broker and its transport options) stay the host's; a worker that
+    consumes lqjobs' queue logs what in them weakens a guarantee when it starts
+    (:mod:`lqjobs.host_checks`), as ``lqjobs doctor --app`` does. The route is added
+    when the app's configuration is loaded, again if it is loaded anew.
+    """
     check_timeout_ladder(settings)
-    app.conf.update(celery_config(settings))
     register_run_job(app, settings)
+    _REGISTERED[app] = settings
+
+    def add_route(source: Any = None, **_: Any) -> None:
+        conf = source if source is not None else app.conf
+        conf.task_routes = with_route(conf.task_routes, settings.queue)
+
+    app.on_after_configure.connect(add_route, weak=False)
+    if app.configured:
+        add_route()
+    signals.celeryd_after_setup.connect(_check_worker, weak=False, dispatch_uid=__name__)
+
+
+def with_route(routes: Any, queue: str) -> Any:
+    """``task_routes`` with lqjobs' task routed to ``queue`` before any of the app's
+    own routes (a host's ``"*"`` pattern included); the host's value is not mutated."""
+    ours = {"queue": queue}
+    if routes is None:
+        return {TASK_NAME: ours}
+    if isinstance(routes, Mapping):  # an exact name wins over the patterns of its map
+        return {TASK_NAME: ours, **{k: v for k, v in routes.items() if k != TASK_NAME}}
+    routers = list(routes) if isinstance(routes, list | tuple) else [routes]
+    if routers and routers[0] == {TASK_NAME: ours}:
+        return routes
+    return [{TASK_NAME: ours}, *routers]
+
+
+# The apps lqjobs is registered on, with their settings, for the worker's start check.
+_REGISTERED: weakref.WeakKeyDictionary[Celery, Settings] = weakref.WeakKeyDictionary()
+
+
+def _check_worker(instance: Any = None, **_: Any) -> None:
+    """At a worker's start (after ``-Q`` applied): if it consumes lqjobs' queue, log
+    each host setting that weakens lqjobs' guarantees there."""
+    app = getattr(instance, "app", None)
+    settings = _REGISTERED.get(app) if app is not None else None
+    if app is None or settings is None:
+        return
+    consumed = set(app.amqp.queues.consume_from)
+    fields = {"queue": settings.queue, "consumed": ",".join(sorted(consumed))}
+    if settings.queue not in consumed:
+        log.info(
+            "this worker does not consume lqjobs' queue: app_jobs jobs run elsewhere",
+            extra={"action": "lqjobs_queue_not_consumed", **fields},
+        )
+        return
+    prefetch = getattr(instance, "prefetch_multiplier", None)
+    for concern in worker_concerns(app, settings, prefetch):
+        log.log(
+            logging.ERROR if concern.severe else logging.WARNING,
+            "host setting weakens lqjobs: %s: %s",
+            concern.setting,
+            concern.detail,
+            extra={"action": "host_setting_concern", "setting": concern.setting, **fields},
+        )
 
 
 def create_app(settings: Settings | None = None) -> Celery:
+    """lqjobs' own app (``celery -A tasks worker``, the bridge): the whole configuration
+    is lqjobs', so its worker consumes ``LQJOBS_QUEUE`` and passes every check."""
     settings = settings or load_settings()
     app = Celery("lqjobs", set_as_current=False)
+    app.conf.update(celery_config(settings))
+    # Loaded now, so the route is in place at once: the bridge and the tests read the
+    # configuration straight away, and a test may replace the routes afterwards.
+    app.conf.get("task_routes")
     register(app, settings)
     return app
 
@@ -214,4 +327,12 @@ def _handler(logfile: str | None) -> logging.Handler:
     return handler
 
 
-__all__ = ["TASK_NAME", "celery_config", "create_app", "install_log_format", "register"]
+__all__ = [
+    "TASK_NAME",
+    "celery_config",
+    "create_app",
+    "dedicated_worker_config",
+    "install_log_format",
+    "register",
+    "task_options",
+]

@@ -77,7 +77,12 @@ class Settings(BaseSettings):
     # A direct URL for LISTEN (a transaction pooler cannot deliver notifications);
     # unset: DATABASE_URL.
     listen_database_url: SecretStr | None = _env("LQJOBS_LISTEN_DATABASE_URL", default=None)
+    # Unset, lqjobs' own processes use this default, and a host app's worker (register())
+    # uses the host's broker: broker_url_given() tells the two apart.
     broker_url: SecretStr = _env("LQJOBS_BROKER_URL", default=SecretStr("redis://127.0.0.1:6379/0"))
+    # The Celery queue lqjobs' messages go to and its workers consume (`-Q`). A name as
+    # `-Q` takes it: no comma, no space.
+    queue: str = _env("LQJOBS_QUEUE", default="lqjobs", pattern=r"^[\w.:-]{1,200}$")
     executor: ExecutorName = _env("LQJOBS_EXECUTOR", default="openfaas")
     task_executors: dict[str, ExecutorName] = _env("LQJOBS_TASK_EXECUTORS", default_factory=dict)
     knative_namespace: str = _env("LQJOBS_KNATIVE_NAMESPACE", default="default")
@@ -139,6 +144,10 @@ class Settings(BaseSettings):
         return value
 
     # -- derived values ------------------------------------------------------
+
+    def broker_url_given(self) -> bool:
+        """Whether LQJOBS_BROKER_URL (or ``broker_url=``) was set, rather than defaulted."""
+        return "broker_url" in self.model_fields_set
 
     def listen_conninfo(self) -> str:
         """Where LISTEN connects: LQJOBS_LISTEN_DATABASE_URL, else :meth:`conninfo`."""

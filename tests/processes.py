@@ -45,14 +45,16 @@ def environment(db_url: str, redis_url: str, **variables: str) -> dict[str, str]
 
 
 class Process:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], logs: Path, cwd: Path = ROOT
+    ) -> None:
         self.name = name
         self.log_path = logs / f"{name}.log"
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 argv,
                 env=env,
-                cwd=ROOT,
+                cwd=cwd,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

@@ -23,6 +23,9 @@ from lqjobs.lease import TASK_NAME
 from lqjobs.ops.embedded import wait_until
 from lqjobs.settings import Settings
 
+# The queue lqjobs' messages go to unless LQJOBS_QUEUE says otherwise (none of the tests does).
+QUEUE: str = Settings.model_fields["queue"].default
+
 
 def make_settings(db_url: str, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {

@@ -407,16 +407,36 @@ def dev_command(ctx: Context, data_dir: Path, no_demo: bool, flower_port: int) -
     sys.exit(dev.run(ctx.settings, data_dir, demo=not no_demo, flower_port=flower_port))
 
 
+def load_celery_app(name: str) -> Any:
+    """The app ``celery -A name`` would load, from the current directory first."""
+    from celery.app.utils import find_app
+
+    try:
+        return find_app(name)
+    except Exception as exc:  # an import error of the host's module, or no app in it
+        raise ConfigurationError(f"--app {name}: {type(exc).__name__}: {exc}") from None
+
+
 @main.command("doctor")
+@click.option(
+    "--app",
+    "app_name",
+    metavar="MODULE[:APP]",
+    help="A Celery app lqjobs is registered on (as celery -A takes it): check what its "
+    "settings do to lqjobs' guarantees.",
+)
 @pass_context
 @handles_errors
-def doctor_command(ctx: Context) -> None:
+def doctor_command(ctx: Context, app_name: str | None) -> None:
     """Check the settings and timeout ladder, the broker, the schema and the queue,
-    the server's version and JIT, and that notifications reach the listener; exit 1
-    when something will stop jobs from running as they should."""
+    the server's version and JIT, that notifications reach the listener, and (with
+    --app) what a host app's settings do to lqjobs' guarantees; exit 1 when
+    something will stop jobs from running as they should."""
     from lqjobs.ops import doctor
 
-    findings = doctor.diagnose(ctx.settings)
+    settings = ctx.settings
+    app = load_celery_app(app_name) if app_name else None
+    findings = doctor.diagnose(settings, app=app)
     click.echo(doctor.render(findings))
     if any(f.level is doctor.Level.FAIL for f in findings):
         sys.exit(EXIT_FAILURE)

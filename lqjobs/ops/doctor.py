@@ -14,11 +14,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import redis
+from celery import Celery
+from celery.app.routes import Router, prepare
+from pydantic import SecretStr
 
 from lqjobs import db
 from lqjobs.broker_state import is_redis
 from lqjobs.db import server
 from lqjobs.errors import LqJobsError
+from lqjobs.host_checks import broker_of, lqjobs_broker, worker_concerns
+from lqjobs.lease import TASK_NAME
 from lqjobs.logs import escaped
 from lqjobs.settings import Settings, redact_url
 
@@ -296,8 +301,69 @@ CHECKS: list[Check] = [
 ]
 
 
-def diagnose(settings: Settings, checks: list[Check] | None = None) -> list[Finding]:
-    return [finding for check in (checks or CHECKS) for finding in check(settings)]
+def check_host_app(app: Celery, settings: Settings) -> list[Finding]:
+    """A host Celery app lqjobs is registered on (``--app``): the task and its route,
+    and each of the app's worker-wide settings that weakens a guarantee
+    (docs/celery-shops.md)."""
+    name = escaped(str(app.main))
+    if TASK_NAME not in app.tasks:
+        return [
+            Finding(
+                "host app",
+                Level.FAIL,
+                f"{name}: lqjobs is not registered (call lqjobs.celery.register(app, settings))",
+            )
+        ]
+    # Today's task_routes: app.amqp caches the routes it read first.
+    router = Router(prepare(app.conf.task_routes), app.amqp.queues, True, app)
+    routed = router.route({}, TASK_NAME).get("queue")
+    routed_name = getattr(routed, "name", routed)
+    if routed_name != settings.queue:
+        return [
+            Finding(
+                "host app",
+                Level.FAIL,
+                f"{name}: {TASK_NAME} is routed to {routed_name!r}, not LQJOBS_QUEUE "
+                f"({settings.queue!r}) where the bridge publishes; set task_routes before "
+                "register()",
+            )
+        ]
+    findings = [
+        Finding(
+            "host app",
+            Level.OK,
+            f"{name}: lqjobs registered, its jobs on queue {settings.queue} "
+            f"(run a worker with -Q {settings.queue})",
+        )
+    ]
+    if not settings.broker_url_given():
+        findings.append(
+            Finding(
+                "host broker",
+                Level.OK,
+                f"LQJOBS_BROKER_URL unset: the app's workers take lqjobs' jobs from "
+                f"{redact_url(broker_of(app))}; the bridge and callback service need "
+                "LQJOBS_BROKER_URL set to it",
+            )
+        )
+    findings += [
+        Finding(concern.setting, Level.FAIL if concern.severe else Level.WARN, concern.detail)
+        for concern in worker_concerns(app, settings)
+    ]
+    return findings
+
+
+def diagnose(
+    settings: Settings, checks: list[Check] | None = None, app: Celery | None = None
+) -> list[Finding]:
+    """Every check's findings; with a host ``app``, its own too, and lqjobs' broker is
+    the app's when LQJOBS_BROKER_URL is unset."""
+    host: list[Finding] = []
+    if app is not None:
+        host = check_host_app(app, settings)
+        url = SecretStr(lqjobs_broker(app, settings))
+        settings = settings.model_copy(update={"broker_url": url})
+    return [finding for check in (checks or CHECKS) for finding in check(settings)] + host
 
 
 def render(findings: list[Finding]) -> str:

@@ -12,6 +12,7 @@ from lqjobs.celery import install_log_format, register
 from lqjobs.settings import load_settings
 
 app = Celery("host", set_as_current=False)
+app.conf.broker_url = os.environ["LQJOBS_BROKER_URL"]  # the shop's own broker: the same Redis
 app.conf.worker_log_format = "HOST %(levelname)s %(name)s | %(message)s"
 register(app, load_settings())
 if os.environ.get("HOST_OPTS_IN"):

@@ -4,6 +4,7 @@ kept in tests/artifacts/flower-tasks.png."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from lqjobs.db import JobsDB
 from lqjobs.ops.embedded import free_port, wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
-from tests.stack import count, flush_broker, make_settings, stack
+from tests.integration import host_project
+from tests.stack import add_jobs, count, flush_broker, make_settings, stack
 
 # Its subject does not depend on the Postgres server: it runs on the first one only.
 pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
@@ -59,19 +61,25 @@ def chromium(*args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
-@pytest.fixture
-def flower(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[str]:
+@contextlib.contextmanager
+def running_flower(env: dict[str, str], logs: Path, cwd: Path = processes.ROOT) -> Iterator[str]:
+    """``celery -A tasks flower`` in ``cwd``; yields its URL once it answers."""
     port = free_port()
-    env = processes.environment(db_url, redis_url)
     argv = ["celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
-    env["FLOWER_UNAUTHENTICATED_API"] = "true"  # lets the test ask which workers it sees
-    proc = processes.Process("flower", [sys.executable, "-m", *argv], env, tmp_path)
+    env = env | {"FLOWER_UNAUTHENTICATED_API": "true"}  # lets the test ask for workers
+    proc = processes.Process("flower", [sys.executable, "-m", *argv], env, logs, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _answers(url), 30, "Flower to answer")
         yield url
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def flower(db_url: str, redis_url: str, tmp_path: Path) -> Iterator[str]:
+    with running_flower(processes.environment(db_url, redis_url), tmp_path) as url:
+        yield url
 
 
 def _answers(url: str, path: str = "/healthcheck", expect: str = "") -> bool:
@@ -119,3 +127,39 @@ def test_flower_lists_jobs_under_their_task_identifier(
     assert f"job-{ids[0]}-1-" in dom  # the task id: job id and attempt
     assert f"job_id={ids[0]} attempt=1 database_id={TENANT}" in detail
     assert (ARTIFACTS / "flower-tasks.png").stat().st_size > 10_000
+
+
+def test_flower_shows_a_shop_s_own_tasks_beside_app_jobs_jobs(
+    db_url: str, redis_url: str, functions: FunctionServer, tmp_path: Path
+) -> None:
+    """The shop's Flower (``celery -A tasks flower`` in its project) over its one worker
+    (with ``-E``, task events on) lists both kinds of task."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    flush_broker(redis_url)
+    project = host_project.write(tmp_path / "shop")
+    env = host_project.environment(db_url, redis_url, functions)
+    shop_env = host_project.worker_environment(env)
+    worker = host_project.worker(env, project, tmp_path, "-E")
+    with (
+        host_project.client(env) as shop,
+        processes.running(worker, processes.bridge(env, tmp_path)),
+        running_flower(shop_env, tmp_path, cwd=project) as url,
+    ):
+        wait_until(lambda: _answers(url, "/api/workers?refresh=1", "@"), 30, "the worker")
+        add_jobs(db_url, host_project.HTTP_TASK, 2)
+        add_jobs(db_url, host_project.NATIVE_TASK, 1)
+        assert shop.send_task("tasks.work", args=(0, 7)).get(timeout=30) == 7
+        wait_until(lambda: count(db_url) == 0, 30, "the jobs to complete")
+        dom = ""
+        deadline = time.monotonic() + 30
+        while not all(name in dom for name in SHOP_TASKS) and time.monotonic() < deadline:
+            dom = chromium("--dump-dom", f"{url}/tasks")
+        chromium(
+            "--window-size=1400,900",
+            f"--screenshot={ARTIFACTS / 'flower-shop-tasks.png'}",
+            f"{url}/tasks",
+        )
+    assert all(name in dom for name in SHOP_TASKS), dom[-2000:]
+
+
+SHOP_TASKS = ("tasks.work", host_project.HTTP_TASK, host_project.NATIVE_TASK)

@@ -23,8 +23,8 @@ from lqjobs.lease import Lease
 from lqjobs.models import JobRow
 from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
+from tests.stack import QUEUE, add_jobs, count, flush_broker, make_settings, worker
 from tests.stack import TENANT as STACK_TENANT
-from tests.stack import add_jobs, count, flush_broker, make_settings, worker
 
 pytestmark = pytest.mark.integration
 TENANT = UUID("0b0b0b0b-1111-2222-3333-444444444444")
@@ -53,7 +53,7 @@ def job_row(job_id: int, task: str = "send-email") -> JobRow:
     )
 
 
-def raw_messages(redis_url: str, queue: str = "celery") -> list[dict[str, Any]]:
+def raw_messages(redis_url: str, queue: str = QUEUE) -> list[dict[str, Any]]:
     client = redis.Redis.from_url(redis_url)
     try:
         messages = [json.loads(m) for m in reversed(client.lrange(queue, 0, -1))]

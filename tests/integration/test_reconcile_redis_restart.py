@@ -29,7 +29,7 @@ from lqjobs.ops.embedded import EmbeddedRedis, wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.ops.function_calls import CallRecord
 from tests import processes
-from tests.stack import add_jobs, bridge, count, make_settings
+from tests.stack import QUEUE, add_jobs, bridge, count, make_settings
 
 # Its subject does not depend on the Postgres server: it runs on the first one only.
 pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
@@ -104,7 +104,7 @@ def kill_and_restart_empty(server: EmbeddedRedis) -> tuple[float, float]:
     """SIGKILL redis-server, start an empty one on the same port; (before, after) times."""
     client = redis.Redis.from_url(server.url)
     old_run_id = client.info("server")["run_id"]
-    queued = client.llen("celery")
+    queued = client.llen(QUEUE)
     # Nothing survives a SIGKILL of this server: no snapshots, no append-only file.
     persistence = (client.config_get("save")["save"], client.config_get("appendonly"))
     client.close()
@@ -173,7 +173,7 @@ def test_negative_control_without_the_reconciler_jobs_stay_locked_until_expiry(
             wait_until(lambda: count(db_url) == 0, RECOVERY, "every job to complete")
         stranded = locked(db_url)
         client = redis.Redis.from_url(own_redis.url)
-        queued = client.llen("celery")
+        queued = client.llen(QUEUE)
         client.close()
     assert len(stranded) >= JOBS - KILL_AFTER - in_flight_at(functions.calls.all(), moment)
     assert {holder for _, holder, _ in stranded} == {running.worker_id}

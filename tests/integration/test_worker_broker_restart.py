@@ -26,7 +26,7 @@ from lqjobs.celery import create_app
 from lqjobs.ops.embedded import EmbeddedRedis, wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from tests import processes
-from tests.stack import add_jobs, bridge, count, make_settings
+from tests.stack import QUEUE, add_jobs, bridge, count, make_settings
 
 # Its subject does not depend on the Postgres server: it runs on the first one only.
 pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
@@ -78,7 +78,7 @@ def broker_backlog(server: EmbeddedRedis) -> tuple[int, int]:
     """(messages queued, messages delivered and not acknowledged) in the broker."""
     client = redis.Redis.from_url(server.url)
     try:
-        return int(client.llen("celery")), int(client.hlen("unacked"))
+        return int(client.llen(QUEUE)), int(client.hlen("unacked"))
     finally:
         client.close()
 

@@ -23,7 +23,7 @@ from lqjobs.ops.embedded import wait_until
 from lqjobs.ops.example_functions import FunctionServer
 from lqjobs.settings import Settings
 from tests import processes
-from tests.stack import TENANT, count, flush_broker, make_settings
+from tests.stack import QUEUE, TENANT, count, flush_broker, make_settings
 
 # Its subject does not depend on the Postgres server: it runs on the first one only.
 pytestmark = [pytest.mark.integration, pytest.mark.one_postgres]
@@ -201,7 +201,8 @@ def test_the_host_s_logging_is_left_alone_unless_it_opts_in(
     for opt_in in ("", "1"):
         send(settings, lease(515151), RAW_SHOWN)
         name = f"host-{opt_in or 'default'}"
-        host = quiet_worker(env | {"HOST_OPTS_IN": opt_in}, tmp_path, name, HOST_APP)
+        # register() adds lqjobs' queue, which a host's worker consumes when told to.
+        host = quiet_worker(env | {"HOST_OPTS_IN": opt_in}, tmp_path, name, HOST_APP, "-Q", QUEUE)
         with processes.running(host):
             wait_until(lambda p=host: "stale delivery dropped" in p.output(), 20, name)
         outputs[opt_in] = host.output()
