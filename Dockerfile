@@ -1,8 +1,8 @@
 # One image for every lqjobs role: the command picks it.
 #
 #   lqjobs migrate | lqjobs bridge | lqjobs callback | lqjobs scheduler
-#   celery -A tasks worker --pool threads --concurrency 16
-#   celery -A tasks flower
+#   celery -A lqjobs.app worker --pool threads --concurrency 16
+#   celery -A lqjobs.app flower
 #
 # Build: docker build -t lqjobs .      Run: docker run --rm lqjobs lqjobs --help
 FROM python:3.11-slim
@@ -26,12 +26,10 @@ RUN python -c "import tomllib; p = tomllib.load(open('/tmp/lqjobs-build/pyprojec
 # when lqjobs is installed (sys.prefix is /usr/local in this base image).
 COPY sql/ /usr/local/share/lqjobs/sql/
 
-# The code: lqjobs, bridge and tasks as an installed package (no embedded extra:
+# The code: the lqjobs package, installed (no embedded extra:
 # production images talk to real Postgres and Redis servers).
 COPY README.md /tmp/lqjobs-build/
 COPY lqjobs/ /tmp/lqjobs-build/lqjobs/
-COPY bridge/ /tmp/lqjobs-build/bridge/
-COPY tasks/ /tmp/lqjobs-build/tasks/
 RUN pip install --no-deps --no-build-isolation /tmp/lqjobs-build \
     && rm -rf /tmp/lqjobs-build
 
@@ -40,7 +38,7 @@ RUN groupadd --system --gid 10001 lqjobs \
     && useradd --system --uid 10001 --gid lqjobs --create-home --home-dir /home/lqjobs \
         --shell /usr/sbin/nologin lqjobs
 USER 10001:10001
-# An empty working directory, so `celery -A tasks` and `python -m` import the
+# An empty working directory, so `celery -A lqjobs.app` and `python -m` import the
 # installed package, never a stray checkout.
 WORKDIR /home/lqjobs
 

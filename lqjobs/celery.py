@@ -1,7 +1,7 @@
 """lqjobs on Celery: the task that runs app_jobs jobs, its configuration, the app,
 and the worker's log format.
 
-``celery -A tasks worker`` builds the app with :func:`create_app` and logs in
+``celery -A lqjobs.app worker`` builds the app with :func:`create_app` and logs in
 lqjobs' format (:func:`install_log_format`); an existing Celery shop calls
 :func:`register` on its own app instead, which adds the task and its route and
 leaves the app's configuration and logging alone (docs/celery-shops.md). Nothing
@@ -53,7 +53,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_soft_time_limit": settings.task_soft_time_limit,
         "task_time_limit": settings.task_time_limit,
-        # `celery -A tasks worker` consumes lqjobs' queue without a -Q.
+        # `celery -A lqjobs.app worker` consumes lqjobs' queue without a -Q.
         "task_default_queue": settings.queue,
         # Flower builds its task list from the worker's events; a "task-sent" event per
         # message would cost the bridge a quarter of its publish time.
@@ -264,7 +264,7 @@ def _check_worker(instance: Any = None, **_: Any) -> None:
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    """lqjobs' own app (``celery -A tasks worker``, the bridge): the whole configuration
+    """lqjobs' own app (``celery -A lqjobs.app worker``, the bridge): the whole configuration
     is lqjobs', so its worker consumes ``LQJOBS_QUEUE`` and passes every check."""
     settings = settings or load_settings()
     app = Celery("lqjobs", set_as_current=False)
@@ -286,7 +286,7 @@ def install_log_format(scope: Literal["worker", "lqjobs"] = "worker") -> None:
     """Log the worker in lqjobs' format (``key=value`` fields, every line escaped),
     through Celery's logging signals; call it before the worker starts.
 
-    ``"worker"`` (what ``celery -A tasks worker`` does) replaces Celery's logging
+    ``"worker"`` (what ``celery -A lqjobs.app worker`` does) replaces Celery's logging
     setup: every record of the process, Celery's own included, goes to stderr (or
     ``--logfile``) in lqjobs' format at ``--loglevel``. ``"lqjobs"`` is the opt-in for
     a host app that keeps its own format: after Celery's setup only lqjobs' loggers

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     max_payload_bytes: int = _env("LQJOBS_MAX_PAYLOAD_BYTES", default=1024 * 1024, ge=2)
     poll_interval: float = _env("LQJOBS_POLL_INTERVAL", default=15.0, gt=0)
     # Seconds between the bridge's checks for a restarted Redis (its run_id), after
-    # which it re-publishes the leases it holds (bridge/reconcile.py); 0 turns it off.
+    # which it re-publishes the leases it holds (lqjobs/bridge/reconcile.py); 0 turns it off.
     reconcile_interval: float = _env("LQJOBS_RECONCILE_INTERVAL", default=5.0, ge=0)
     http_connect_timeout: float = _env("LQJOBS_HTTP_CONNECT_TIMEOUT", default=5.0, gt=0)
     http_timeout: float = _env("LQJOBS_HTTP_TIMEOUT", default=30.0, gt=0)

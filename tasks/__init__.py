@@ -1,2 +1,3 @@
-"""lqjobs' Celery side. ``celery -A tasks worker`` finds the app in :mod:`tasks.celery`;
-importing this package has no side effects."""
+"""``celery -A tasks worker`` in a checkout of this repository finds the app in
+:mod:`tasks.celery`; installed code never imports this package (use
+``celery -A lqjobs.app``). Importing it has no side effects."""

@@ -1,16 +1,9 @@
-"""Entry point for ``celery -A tasks worker``: the app is built from the environment
-here, at the edge, and nowhere else, and the worker logs in lqjobs' format."""
+"""``celery -A tasks worker`` from a checkout of this repository: the same app as
+``celery -A lqjobs.app worker``. Not installed: a host project's own ``tasks.py``
+never collides with it."""
 
 from __future__ import annotations
 
-import sys
+from lqjobs.app import app
 
-from lqjobs.celery import create_app, install_log_format
-from lqjobs.errors import ConfigurationError
-
-install_log_format()
-try:
-    app = create_app()
-except ConfigurationError as exc:  # one clear line, not a traceback
-    print(f"lqjobs: {exc}", file=sys.stderr)
-    raise SystemExit(3) from None
+__all__ = ["app"]

@@ -1,5 +1,5 @@
 """The real CLI processes (`lqjobs bridge`, `lqjobs scheduler`, `lqjobs callback`,
-`celery -A tasks worker`) for tests that kill, signal or multiply them. Each writes
+`celery -A lqjobs.app worker`) for tests that kill, signal or multiply them. Each writes
 its output to a log file under ``logs``."""
 
 from __future__ import annotations
@@ -79,8 +79,10 @@ class Process:
         return self.log_path.read_text(errors="replace")
 
 
-def bridge(env: dict[str, str], logs: Path, name: str = "bridge", *args: str) -> Process:
-    return Process(name, [sys.executable, "-m", "lqjobs", "bridge", *args], env, logs)
+def bridge(
+    env: dict[str, str], logs: Path, name: str = "bridge", *args: str, cwd: Path = ROOT
+) -> Process:
+    return Process(name, [sys.executable, "-m", "lqjobs", "bridge", *args], env, logs, cwd)
 
 
 def scheduler(env: dict[str, str], logs: Path, name: str = "scheduler") -> Process:
@@ -98,6 +100,7 @@ def worker(
     name: str = "worker",
     concurrency: int = 8,
     loglevel: str = "WARNING",
+    cwd: Path = ROOT,
 ) -> Process:
     argv = worker_argv(
         concurrency,
@@ -109,7 +112,7 @@ def worker(
         "--without-mingle",
         "--without-gossip",
     )
-    return Process(name, argv, env, logs)
+    return Process(name, argv, env, logs, cwd)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from celery import Celery
 from celery import _state as celery_state
 from celery.contrib.testing.worker import start_worker
 
-from bridge import Bridge, CeleryPublisher
+from lqjobs.bridge import Bridge, CeleryPublisher
 from lqjobs.celery import create_app
 from lqjobs.db import JobsDB
 from lqjobs.lease import TASK_NAME

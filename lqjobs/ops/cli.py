@@ -300,7 +300,7 @@ def _run_role(
 def bridge_command(ctx: Context, batch_size: int) -> None:
     """Lock app_jobs jobs and hand them to Celery (env: JOBS_SUPPORTED or JOBS_SUPPORT_ANY,
     LQJOBS_BROKER_URL, LQJOBS_MAX_IN_FLIGHT, LQJOBS_JOB_EXPIRY)."""
-    from bridge import Bridge, CeleryPublisher
+    from lqjobs.bridge import Bridge, CeleryPublisher
     from lqjobs.celery import create_app
     from lqjobs.logs import configure_logging
 

@@ -96,13 +96,13 @@ def reachable_data_dir(wanted: Path, out: TextIO) -> Path:
 
 
 def worker_argv(concurrency: int, *options: str) -> list[str]:
-    """``celery -A tasks worker`` with the thread pool, right for HTTP-bound jobs."""
+    """``celery -A lqjobs.app worker`` with the thread pool, right for HTTP-bound jobs."""
     return [
         sys.executable,
         "-m",
         "celery",
         "-A",
-        "tasks",
+        "lqjobs.app",
         "worker",
         "--pool",
         "threads",
@@ -140,7 +140,7 @@ class Stack:
                 "-m",
                 "celery",
                 "-A",
-                "tasks",
+                "lqjobs.app",
                 "flower",
                 f"--port={self.ports['flower']}",
                 "--address=127.0.0.1",

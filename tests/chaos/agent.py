@@ -2,7 +2,7 @@
 
     python -m tests.chaos.agent bridge|worker|callback|scheduler [options...]
 
-Without ``CHAOS_*`` variables it is exactly ``lqjobs <role>`` (or ``celery -A tasks
+Without ``CHAOS_*`` variables it is exactly ``lqjobs <role>`` (or ``celery -A lqjobs.app
 worker``). With them it first installs, in this process only:
 
 ``CHAOS_FAULT=<point>:<probability>``
@@ -66,7 +66,7 @@ def _die_maybe(rng: random.Random, probability: float) -> None:
 
 
 def install_fault(spec: str, seed: str) -> None:
-    from bridge.publisher import CeleryPublisher
+    from lqjobs.bridge.publisher import CeleryPublisher
 
     point, _, probability = spec.partition(":")
     # each component draws its own sequence: two bridges must not die in lockstep
@@ -92,7 +92,7 @@ def install_fault(spec: str, seed: str) -> None:
 
 def commit_before_publish() -> None:
     """The lock commits on its own before the publish (lock -> commit -> publish)."""
-    from bridge.loop import Bridge
+    from lqjobs.bridge.loop import Bridge
 
     def dispatch(self: Bridge, conn: Any) -> tuple[int, bool]:
         room = self.settings.max_in_flight - self.reads.count_locked_by(conn, self.worker_id)
@@ -178,7 +178,7 @@ def celery_expires() -> None:
     bridge's clock, judged on the worker's; a late message is discarded unrun."""
     from datetime import UTC, datetime, timedelta
 
-    from bridge.publisher import CeleryPublisher
+    from lqjobs.bridge.publisher import CeleryPublisher
 
     headers = CeleryPublisher._headers
     seconds = float(os.environ.get("LQJOBS_MAX_QUEUE_WAIT", "180")) + float(
@@ -204,18 +204,18 @@ def narrow_db_retries() -> None:
 
 def shared_worker_id() -> None:
     """Upstream's bridge: one fixed worker id, ``release_jobs`` at every start."""
-    import bridge.loop
+    import lqjobs.bridge.loop
     from lqjobs import db
 
-    replace(bridge.loop, "new_worker_id", lambda hostname: "worker-0")
-    run_forever = bridge.loop.Bridge.run_forever
+    replace(lqjobs.bridge.loop, "new_worker_id", lambda hostname: "worker-0")
+    run_forever = lqjobs.bridge.loop.Bridge.run_forever
 
-    def released_first(self: bridge.loop.Bridge) -> None:
+    def released_first(self: lqjobs.bridge.loop.Bridge) -> None:
         with db.connect(self.settings.conninfo(), autocommit=True) as conn:
             self.queue.release_jobs(conn, self.worker_id)
         run_forever(self)
 
-    replace(bridge.loop.Bridge, "run_forever", released_first)
+    replace(lqjobs.bridge.loop.Bridge, "run_forever", released_first)
 
 
 def unauthenticated_callbacks() -> None:
@@ -388,7 +388,7 @@ def main() -> None:
     if role == "worker":
         from celery.bin.celery import main as celery_main
 
-        sys.argv = ["celery", "-A", "tasks", "worker", *options]
+        sys.argv = ["celery", "-A", "lqjobs.app", "worker", *options]
         celery_main()
     else:
         from lqjobs.ops.cli import main as lqjobs_main

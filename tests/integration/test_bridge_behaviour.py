@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from bridge import Bridge, CeleryPublisher
+from lqjobs.bridge import Bridge, CeleryPublisher
 from lqjobs.celery import create_app
 from lqjobs.executors import handlers
 from lqjobs.ops.embedded import free_port, wait_until

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from bridge import Bridge
+from lqjobs.bridge import Bridge
 from lqjobs.models import JobRow
 from tests.stack import add_jobs, count, make_settings
 

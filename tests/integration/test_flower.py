@@ -62,10 +62,12 @@ def chromium(*args: str, timeout: float = 60) -> str:
 
 
 @contextlib.contextmanager
-def running_flower(env: dict[str, str], logs: Path, cwd: Path = processes.ROOT) -> Iterator[str]:
-    """``celery -A tasks flower`` in ``cwd``; yields its URL once it answers."""
+def running_flower(
+    env: dict[str, str], logs: Path, cwd: Path = processes.ROOT, app: str = "lqjobs.app"
+) -> Iterator[str]:
+    """``celery -A <app> flower`` in ``cwd``; yields its URL once it answers."""
     port = free_port()
-    argv = ["celery", "-A", "tasks", "flower", f"--port={port}", "--address=127.0.0.1"]
+    argv = ["celery", "-A", app, "flower", f"--port={port}", "--address=127.0.0.1"]
     env = env | {"FLOWER_UNAUTHENTICATED_API": "true"}  # lets the test ask for workers
     proc = processes.Process("flower", [sys.executable, "-m", *argv], env, logs, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
@@ -143,7 +145,7 @@ def test_flower_shows_a_shop_s_own_tasks_beside_app_jobs_jobs(
     with (
         host_project.client(env) as shop,
         processes.running(worker, processes.bridge(env, tmp_path)),
-        running_flower(shop_env, tmp_path, cwd=project) as url,
+        running_flower(shop_env, tmp_path, cwd=project, app="tasks") as url,
     ):
         wait_until(lambda: _answers(url, "/api/workers?refresh=1", "@"), 30, "the worker")
         add_jobs(db_url, host_project.HTTP_TASK, 2)

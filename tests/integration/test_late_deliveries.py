@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from click.testing import CliRunner
 
-from bridge.loop import ABANDONED_MESSAGE
+from lqjobs.bridge.loop import ABANDONED_MESSAGE
 from lqjobs.celery import create_app
 from lqjobs.db import JobsDB
 from lqjobs.lease import Lease

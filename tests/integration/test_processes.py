@@ -1,4 +1,4 @@
-"""The real processes: `lqjobs bridge` and `celery -A tasks worker`, several at once,
+"""The real processes: `lqjobs bridge` and `celery -A lqjobs.app worker`, several at once,
 stopped with SIGTERM mid-stream, refusing a bad configuration."""
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def test_sigterm_mid_stream_loses_nothing_and_leaves_nothing_locked(
 def test_the_worker_refuses_a_broken_timeout_ladder(env: dict[str, str], tmp_path: Path) -> None:
     env = env | {"LQJOBS_VISIBILITY_TIMEOUT": "5"}  # below the hard time limit
     done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tasks", "worker"],
+        [sys.executable, "-m", "celery", "-A", "lqjobs.app", "worker"],
         env=env,
         cwd=processes.ROOT,
         capture_output=True,

@@ -16,8 +16,8 @@ import pytest
 import redis
 from celery import Celery
 
-from bridge import Bridge, CeleryPublisher
-from bridge.publisher import _direct_queue
+from lqjobs.bridge import Bridge, CeleryPublisher
+from lqjobs.bridge.publisher import _direct_queue
 from lqjobs.celery import create_app
 from lqjobs.lease import Lease
 from lqjobs.models import JobRow

@@ -1,6 +1,6 @@
 """F4: Redis is SIGKILLed mid-run and comes back empty (no persistence). The real
 bridge (in this process, for its counters), the real Celery worker process
-(``celery -A tasks worker --pool threads``) and the function server run throughout.
+(``celery -A lqjobs.app worker --pool threads``) and the function server run throughout.
 
 With the reconciler the bridge sees the new run_id and re-publishes the leases it
 holds: every job completes long before the lease expiry E, and no job is called

@@ -1,6 +1,6 @@
 """F22: Redis restarts while the worker runs calls, and the worker rides it out.
 
-A real ``celery -A tasks worker`` process (not supervised: an exit is the failure)
+A real ``celery -A lqjobs.app worker`` process (not supervised: an exit is the failure)
 runs slow calls against the function server; the bridge runs in this process. Redis
 is shut down mid-call and started again on the same port, once with its data saved
 (persistence) and once empty. Afterwards: the worker is the same process, each

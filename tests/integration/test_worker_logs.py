@@ -3,7 +3,7 @@ bridge hands it to Celery as the ``shadow`` name that Celery logs and Flower sho
 A name holding a newline, a forged ``[ERROR/MainProcess]`` line and ANSI escapes
 must not forge a line in any log, and the worker must log in lqjobs' format, its own
 lines carrying ``job_id`` and ``task``. The real processes run: ``lqjobs bridge`` and
-``celery -A tasks worker``, with jobs added through ``add_job``."""
+``celery -A lqjobs.app worker``, with jobs added through ``add_job``."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def environment(db_url: str, redis_url: str, functions: FunctionServer) -> dict[
 
 
 def quiet_worker(
-    env: dict[str, str], logs: Path, name: str = "worker", app: str = "tasks", *options: str
+    env: dict[str, str], logs: Path, name: str = "worker", app: str = "lqjobs.app", *options: str
 ) -> processes.Process:
     """``celery -q -A <app> worker`` at INFO: no banner, so every line is a log line."""
     argv = [sys.executable, "-m", "celery", "-q", "-A", app, "worker", "--pool", "threads"]
@@ -175,7 +175,7 @@ def test_the_worker_escapes_a_raw_shadow_from_any_publisher(
     send(make_settings(db_url, redis_url), lease(424242), RAW)
     env = processes.environment(db_url, redis_url)
     logfile = tmp_path / "worker-file.log"  # --logfile is honoured too
-    with processes.running(quiet_worker(env, tmp_path, "worker", "tasks", "-f", str(logfile))):
+    with processes.running(quiet_worker(env, tmp_path, "worker", "lqjobs.app", "-f", str(logfile))):
         wait_until(
             lambda: logfile.exists() and "stale delivery dropped" in logfile.read_text(),
             20,

@@ -73,7 +73,7 @@ TEST_SECRETS = {
     "LQJOBS_CALLBACK_KEYS": "k1:" + "ab" * 32,
     "FLOWER_BASIC_AUTH": "admin:test-secret",
 }
-WORKER = ["celery", "-A", "tasks", "worker"]
+WORKER = ["celery", "-A", "lqjobs.app", "worker"]
 SECRET_NAMES = re.compile(r".*(PASSWORD|_KEYS|_AUTH|BROKER_URL)$")
 _VARIABLE = re.compile(
     r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}$]*))?\}"
@@ -424,7 +424,7 @@ def test_only_flower_is_published_and_only_on_loopback() -> None:
     published = {name for name, service in SERVICES.items() if "ports" in service}
     assert published == {"flower"}
     assert SERVICES["flower"]["ports"] == ["127.0.0.1:5555:5555"]
-    assert SERVICES["flower"]["command"][:4] == ["celery", "-A", "tasks", "flower"]
+    assert SERVICES["flower"]["command"][:4] == ["celery", "-A", "lqjobs.app", "flower"]
     assert "FLOWER_BASIC_AUTH" in SERVICES["flower"]["environment"]
     assert all("network_mode" not in service for service in SERVICES.values())
 
@@ -463,7 +463,7 @@ def test_the_image_copies_every_package_and_installs_it_without_extras() -> None
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     top_level = {pattern.rstrip("*") for pattern in find["packages"]["find"]["include"]}
     copied = {source.rstrip("/") for source in copies()}
-    assert top_level == {"lqjobs", "bridge", "tasks"}
+    assert top_level == {"lqjobs"}
     assert top_level <= copied
     assert {"pyproject.toml", "README.md", "sql"} <= copied
     ignored = {

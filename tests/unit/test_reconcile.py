@@ -13,7 +13,7 @@ from uuid import UUID
 import pytest
 import redis
 
-from bridge.reconcile import Reconciler, build, may_defer, republish_window
+from lqjobs.bridge.reconcile import Reconciler, build, may_defer, republish_window
 from lqjobs.db.reads import Reads
 from lqjobs.models import JobRow
 from lqjobs.settings import Settings
@@ -200,7 +200,7 @@ def test_the_log_line_has_counts_and_no_payload(caplog: pytest.LogCaptureFixture
     rec = reconciler(Probe(("r1", True), ("r2", False)), Leases([job(7)]), Publisher(), clock)
     rec.check(None)  # type: ignore[arg-type]
     clock.now += 5
-    with caplog.at_level("WARNING", logger="bridge.reconcile"):
+    with caplog.at_level("WARNING", logger="lqjobs.bridge.reconcile"):
         rec.check(None)  # type: ignore[arg-type]
     [record] = caplog.records
     assert record.action == "leases_republished"  # type: ignore[attr-defined]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import pytest
 from celery import Celery
 
-from bridge.publisher import _direct_queue
+from lqjobs.bridge.publisher import _direct_queue
 from lqjobs.celery import (
     TASK_NAME,
     _check_worker,

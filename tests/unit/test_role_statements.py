@@ -16,7 +16,7 @@ from lqjobs.ops.roles import STATEMENTS
 ROOT = Path(__file__).resolve().parents[2]
 ROLE_CLASSES = {cls.__name__: cls for cls in (Queue, Scheduled, Fence, Reads)}
 SOURCES = {
-    "bridge": ["bridge/*.py"],
+    "bridge": ["lqjobs/bridge/*.py"],
     "worker": ["lqjobs/worker.py", "lqjobs/celery.py"],
     "callback": ["lqjobs/callback/*.py"],
     "scheduler": ["lqjobs/scheduler/*.py"],

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import redis
 
-from bridge.publisher import Publisher
+from lqjobs.bridge.publisher import Publisher
 from lqjobs.broker_state import RedisProbe, is_redis
 from lqjobs.db import Connection
 from lqjobs.db.reads import Reads

@@ -26,10 +26,10 @@ from datetime import timedelta
 from kombu.exceptions import KombuError
 from redis.exceptions import RedisError
 
-from bridge import metrics as bridge_metrics
-from bridge import reconcile
-from bridge.publisher import Publisher
 from lqjobs import db
+from lqjobs.bridge import metrics as bridge_metrics
+from lqjobs.bridge import reconcile
+from lqjobs.bridge.publisher import Publisher
 from lqjobs.db import Connection
 from lqjobs.db.queue import LockedBatch, Queue, UnreadableRow
 from lqjobs.db.reads import Reads
@@ -115,7 +115,7 @@ class Bridge:
             else None
         )
         self._next_sweep = 0.0  # monotonic time of the next abandoned-lease sweep
-        # F4: re-publishes this bridge's leases after a Redis restart (bridge/reconcile.py).
+        # F4: re-publishes this bridge's leases after a Redis restart (lqjobs/bridge/reconcile.py).
         self.reconciler = reconcile.build(
             settings, self.reads, self.worker_id, publisher, self.counters, batch_size
         )

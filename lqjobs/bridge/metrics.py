@@ -1,6 +1,6 @@
 """The bridge's Prometheus samples: its counters and the queue gauges, as ``Sample``s.
 
-Pure: :meth:`bridge.loop.Bridge.metrics` reads the numbers (the counters under
+Pure: :meth:`lqjobs.bridge.loop.Bridge.metrics` reads the numbers (the counters under
 their lock, the gauges from Postgres) and this module names and describes them.
 """
 

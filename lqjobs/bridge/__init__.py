@@ -1,6 +1,6 @@
 """The bridge process: locks app_jobs jobs and hands them to Celery."""
 
-from bridge.loop import Bridge, new_worker_id
-from bridge.publisher import CeleryPublisher, Publisher
+from lqjobs.bridge.loop import Bridge, new_worker_id
+from lqjobs.bridge.publisher import CeleryPublisher, Publisher
 
 __all__ = ["Bridge", "CeleryPublisher", "Publisher", "new_worker_id"]
