@@ -160,7 +160,7 @@ class Stack:
             argv = worker_argv(
                 self.concurrency, "--loglevel", "WARNING", "--hostname", f"plain{n}@%h", *QUIET
             )
-            argv[argv.index("tasks")] = "bench.celery_alone"
+            argv[argv.index("-A") + 1] = "bench.celery_alone"
             self._spawn(f"plain-{n}", [*argv, "--queues", "bench-noop"])
 
     def stop_plain_celery(self) -> None:
