@@ -85,10 +85,29 @@ def worker_concerns(
     if prefetch is None:
         prefetch = conf.worker_prefetch_multiplier
     concerns = _content(conf) + _broker(app, settings) + _prefetch(conf, prefetch)
-    concerns += _connection_loss(conf)
+    concerns += _connection_loss(conf) + _pooled_without_claims(settings)
     if is_redis(broker_of(app)):
         concerns += _redis_transport(conf, settings)
     return concerns
+
+
+def _pooled_without_claims(settings: Settings) -> list[Concern]:
+    """Through a transaction pooler the worker takes no advisory locks; only the start
+    claim, kept in Redis, stops a second delivery of a lease from calling again."""
+    if settings.database_pool_mode != "transaction" or is_redis(
+        settings.broker_url.get_secret_value()
+    ):
+        return []
+    return [
+        Concern(
+            "LQJOBS_DATABASE_POOL_MODE",
+            False,
+            "transaction pooling takes no advisory locks and this broker keeps no start "
+            "claims (Redis does): a lease delivered twice may call its function twice "
+            "(at-least-once; the outcome is still written once); use Redis, or a direct "
+            "or session-pooled DATABASE_URL for the workers",
+        )
+    ]
 
 
 def _content(conf: Any) -> list[Concern]:

@@ -3,6 +3,8 @@
 :class:`Listener` owns a component's dedicated LISTEN connection: it (re)opens it
 on the component's channels and sleeps on it until a notification, a timeout or
 stop, in slices short enough that ``stop()`` is honoured quickly.
+:class:`Poller` takes its place where notifications cannot arrive (a transaction
+pooler and no direct listen URL): the owner's poll, made short, is all there is.
 :class:`ServiceLoop` owns the stop event and the count of consecutive failures,
 and runs the component's cycle until stopped, backing off (jittered) after a
 failed one. Each component keeps its own pass, logger, messages and ``action``.
@@ -84,6 +86,50 @@ class Listener:
         if self._conn is not None:
             self._conn.close()
         self._conn = None
+
+
+class Poller:
+    """Stands in for a :class:`Listener` where no notification can arrive: LISTEN
+    through a transaction pooler is accepted on whichever server session runs it
+    and never delivered to this client. It opens no connection; ``wait`` sleeps
+    out its timeout (the owner's poll) unless stopped."""
+
+    def __init__(
+        self, stopping: threading.Event, *, on_listen: Callable[[], None] | None = None
+    ) -> None:
+        self._stopping = stopping
+        self._on_listen = on_listen
+        self._open = False
+
+    def open(self) -> None:
+        if not self._open:  # as a new listener: its owner polls at once
+            self._open = True
+            if self._on_listen is not None:
+                self._on_listen()
+
+    def ping(self) -> None:
+        """Nothing to ping: the owner's next statement finds a dead database."""
+
+    def wait(self, timeout: float, *, ping_on_timeout: bool = False) -> bool:
+        self._stopping.wait(max(timeout, 0.0))
+        return False
+
+    def close(self) -> None:
+        self._open = False
+
+
+def wake_source(
+    connect: Callable[[], Connection] | None,
+    channels: Sequence[str],
+    stopping: threading.Event,
+    *,
+    on_listen: Callable[[], None] | None = None,
+) -> Listener | Poller:
+    """A :class:`Listener` on ``connect``'s connections; a :class:`Poller` when there
+    is nowhere to LISTEN (``connect`` None)."""
+    if connect is None:
+        return Poller(stopping, on_listen=on_listen)
+    return Listener(connect, channels, stopping, on_listen=on_listen)
 
 
 class ServiceLoop:

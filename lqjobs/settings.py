@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from lqjobs.errors import ConfigurationError
 
 ExecutorName = Literal["openfaas", "openfaas-async", "knative", "devmap", "native"]
+# Seconds between polls of a component that cannot LISTEN (a transaction pooler and
+# no LQJOBS_LISTEN_DATABASE_URL), unless LQJOBS_POLL_INTERVAL says otherwise.
+POLL_WITHOUT_LISTEN = 1.0
 
 # Fields whose values must never be echoed, not even in a validation error.
 SECRET_FIELDS = frozenset(
@@ -159,6 +162,13 @@ class Settings(BaseSettings):
         """True when notifications cannot reach us: LISTEN would go through a
         transaction pooler (no direct listen URL given)."""
         return self.database_pool_mode == "transaction" and self.listen_database_url is None
+
+    def poll_seconds(self) -> float:
+        """Seconds between safety polls: LQJOBS_POLL_INTERVAL, except that a component
+        that cannot LISTEN polls every POLL_WITHOUT_LISTEN unless the interval was set."""
+        if self.listens_through_pooler() and "poll_interval" not in self.model_fields_set:
+            return POLL_WITHOUT_LISTEN
+        return self.poll_interval
 
     def conninfo(self) -> str:
         """libpq connection string: DATABASE_URL if given, else the PG* variables."""

@@ -40,7 +40,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from lqjobs.broker_state import Claim, DeferredDeadlines, StartedMarks, is_redis
 from lqjobs.callback import tokens
-from lqjobs.db import Connection
+from lqjobs.db import Connection, session_options
 from lqjobs.db.fence import Fence, Held
 from lqjobs.errors import DatabaseError
 from lqjobs.executors import (
@@ -90,7 +90,11 @@ class JobRunner:
         deadlines: DeferredDeadlines | None = None,
     ) -> None:
         self.settings = settings
-        self.fence = Fence(settings.jobs_schema)
+        # Through a transaction pooler no session is ours across statements: no
+        # advisory locks (lqjobs/db/fence.py), the start claim alone keeps calls apart.
+        self.fence = Fence(
+            settings.jobs_schema, session_locks=settings.database_pool_mode == "session"
+        )
         self.pool = pool
         self.router = router
         self.marks = marks
@@ -257,7 +261,7 @@ class JobRunner:
         """Write the outcome on the session that holds the advisory lock, releasing the
         lock in the same statement when it can; the result, and whether it did."""
         try:
-            return self._write(conn, lease, outcome, release=True)
+            return self._write(conn, lease, outcome, release=self.fence.session_locks)
         except DatabaseError as exc:
             # Reaped, read-only after a failover, a serialization failure...: close the
             # session (its advisory lock goes with it) and retry on fresh ones.
@@ -355,7 +359,7 @@ def build_runner(settings: Settings) -> JobRunner:
         settings.conninfo(),
         min_size=1,
         max_size=settings.db_pool_size,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **session_options(settings.database_pool_mode)},
         # A session the server closed while it sat in the pool (an idle-session
         # timeout, a pooler, a failover) is replaced before a job gets it.
         check=ConnectionPool.check_connection,

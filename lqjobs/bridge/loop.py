@@ -34,7 +34,7 @@ from lqjobs.db import Connection
 from lqjobs.db.queue import LockedBatch, Queue, UnreadableRow
 from lqjobs.db.reads import Reads
 from lqjobs.errors import ConfigurationError, DatabaseError
-from lqjobs.listening import Listener, ServiceLoop
+from lqjobs.listening import ServiceLoop, wake_source
 from lqjobs.logs import escaped
 from lqjobs.metrics import Sample
 from lqjobs.models import JobRow
@@ -100,8 +100,10 @@ class Bridge:
             action="bridge_backoff",
             worker_id=self.worker_id,
         )
-        self.listener = Listener(
-            lambda: db.connect(self.settings.conninfo(), autocommit=True),
+        self.listener = wake_source(
+            None
+            if settings.listens_through_pooler()
+            else lambda: db.connect(self.settings.listen_conninfo(), autocommit=True),
             (db.INSERT_CHANNEL, db.WAKE_CHANNEL),
             self.loop.stopping,
         )
@@ -294,7 +296,7 @@ class Bridge:
         due = self.reads.seconds_until_next_job(
             self._work_connection(), self.task_filter, self.job_expiry
         )
-        poll = self.settings.poll_interval
+        poll = self.settings.poll_seconds()
         return poll if due is None else min(poll, due + 0.001)
 
     # -- metrics ----------------------------------------------------------------
@@ -304,7 +306,9 @@ class Bridge:
         connection of its own: scrapes come from another thread)."""
         with self._counters_lock:
             counts = dict(self.counters)
-        with db.connect(self.settings.conninfo(), autocommit=True) as conn:
+        with db.connect(
+            self.settings.conninfo(), autocommit=True, pool_mode=self.settings.database_pool_mode
+        ) as conn:
             in_flight = self.reads.count_locked_by(conn, self.worker_id)
             gauges = self.reads.queue_gauges(conn, self.task_filter, self.job_expiry)
         return bridge_metrics.samples(self.worker_id, counts, in_flight, gauges)
@@ -323,7 +327,9 @@ class Bridge:
         return conn
 
     def _lock_connection(self) -> Connection:
-        return db.connect(self.settings.conninfo(), autocommit=True)
+        return db.connect(
+            self.settings.conninfo(), autocommit=True, pool_mode=self.settings.database_pool_mode
+        )
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -322,7 +322,7 @@ def _pool(settings: Settings) -> ConnectionPool[db.Connection]:
         settings.conninfo(),
         min_size=1,
         max_size=settings.db_pool_size,
-        kwargs={"autocommit": True},
+        kwargs={"autocommit": True, **db.session_options(settings.database_pool_mode)},
         check=ConnectionPool.check_connection,
         open=True,
         name="lqjobs-callback",

@@ -21,10 +21,12 @@ from lqjobs.db.base import (
     SCHEDULED_INSERT_CHANNEL,
     WAKE_CHANNEL,
     Connection,
+    PoolMode,
     RawJson,
     connect,
     listen,
     ping,
+    session_options,
     translated_errors,
 )
 from lqjobs.db.fence import Fence
@@ -51,6 +53,7 @@ __all__ = [
     "Connection",
     "Fence",
     "JobsDB",
+    "PoolMode",
     "Queue",
     "RawJson",
     "Reads",
@@ -58,5 +61,6 @@ __all__ = [
     "connect",
     "listen",
     "ping",
+    "session_options",
     "translated_errors",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -71,16 +71,38 @@ def _unavailable(exc: psycopg.Error) -> bool:
     return state.startswith("08") or state in {"57P01", "57P02", "57P03"}
 
 
+PoolMode = Literal["session", "transaction"]
+
+
+def session_options(pool_mode: PoolMode) -> dict[str, Any]:
+    """psycopg options for a connection that reaches Postgres the ``pool_mode`` way.
+
+    Through a transaction pooler, consecutive transactions of one connection may run
+    on different server sessions. psycopg prepares a statement on the server after
+    five executions and then runs it by name; another server session has no such
+    statement ("does not exist"), or has one of that name from another client
+    ("already exists", or worse, another query bound to these parameters). With
+    ``prepare_threshold=None`` nothing is prepared and every statement is sent whole.
+    """
+    return {"prepare_threshold": None} if pool_mode == "transaction" else {}
+
+
 def connect(
-    conninfo: str, *, autocommit: bool = False, application_name: str | None = None
+    conninfo: str,
+    *,
+    autocommit: bool = False,
+    application_name: str | None = None,
+    pool_mode: PoolMode = "session",
 ) -> Connection:
-    """``application_name`` (shown in pg_stat_activity) overrides the conninfo's when given."""
+    """``application_name`` (shown in pg_stat_activity) overrides the conninfo's when
+    given; ``pool_mode``: how ``conninfo`` reaches Postgres (:func:`session_options`)."""
     with translated_errors():
         return psycopg.connect(
             conninfo,
             autocommit=autocommit,
             connect_timeout=10,
             application_name=application_name,
+            **session_options(pool_mode),
         )
 
 

@@ -4,6 +4,12 @@ A lease (:class:`lqjobs.lease.Lease`) names one attempt. Each statement here
 re-checks, in the same statement as its write, that the row is still held under
 that lease; a write for an attempt that is over changes nothing. The per-job
 advisory lock keeps two deliveries of one lease from calling the function at once.
+
+That lock is a session's, and a transaction pooler hands each transaction to any
+server session: a lock taken in the preflight would stay on a session another
+client uses next, and its unlock would run elsewhere. A fence built with
+``session_locks=False`` (for ``LQJOBS_DATABASE_POOL_MODE=transaction``) takes none;
+the start claim in Redis then keeps a lease's calls apart alone.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ class Held:
     """What the preflight found for a lease the row still holds."""
 
     job: JobRow
-    advisory: bool  # this session took the job's advisory lock
+    # May go on: this session took the job's advisory lock (or the fence takes none).
+    advisory: bool
     db_now: datetime  # the database's clock at the check: every age is judged on it
 
     @property
@@ -63,9 +70,10 @@ def lease_params(lease: Lease) -> dict[str, Any]:
 class Fence(Statements):
     """The lease-checked statements of one jobs schema."""
 
-    def __init__(self, schema: str = "app_jobs") -> None:
+    def __init__(self, schema: str = "app_jobs", *, session_locks: bool = True) -> None:
         super().__init__(schema)
         self._queue = Queue(schema)
+        self.session_locks = session_locks
 
     def preflight(self, conn: Connection, lease: Lease) -> Held | None:
         """None when the row no longer holds ``lease`` (a stale delivery); else the
@@ -96,19 +104,21 @@ class Fence(Statements):
         return Held(job, advisory, db_now) if lease.held_by(job) else None
 
     def preflight_query(self) -> sql.Composed:
+        lock: sql.Composable = sql.SQL("true")
+        if self.session_locks:
+            lock = sql.SQL("pg_try_advisory_lock({ns}, {key})").format(
+                ns=sql.Literal(ADVISORY_NAMESPACE), key=sql.SQL(ADVISORY_KEY.format("id"))
+            )
         return sql.SQL(
             "SELECT {columns}, CASE WHEN locked_by = %(worker)s AND attempts = %(attempts)s "
-            "AND locked_at = %(locked_at)s THEN pg_try_advisory_lock({ns}, {key}) END "
+            "AND locked_at = %(locked_at)s THEN {lock} END "
             "AS advisory, now() AS db_now FROM {schema}.jobs WHERE id = %(id)s "
             "AND set_config('synchronous_commit', 'off', true) IS NOT NULL FOR SHARE"
-        ).format(
-            columns=sql.SQL(JOB_COLUMNS),
-            schema=self._schema,
-            ns=sql.Literal(ADVISORY_NAMESPACE),
-            key=sql.SQL(ADVISORY_KEY.format("id")),
-        )
+        ).format(columns=sql.SQL(JOB_COLUMNS), schema=self._schema, lock=lock)
 
     def release_advisory(self, conn: Connection, job_id: int) -> None:
+        if not self.session_locks:
+            return
         query = self._statement(conn, "release_advisory", self._release_advisory_query)
         self._void(conn, query, [job_id])
 

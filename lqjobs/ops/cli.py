@@ -147,7 +147,9 @@ def add_job_command(
         tenant = UUID(database_id)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with db.connect(
+        ctx.settings.conninfo(), autocommit=True, pool_mode=ctx.settings.database_pool_mode
+    ) as conn:
         job = ctx.jobs_db().queue.add_job(
             conn,
             tenant,
@@ -195,7 +197,7 @@ def grant_command(ctx: Context, apply_now: bool, prefix: str, keep_public_execut
     if not apply_now:
         click.echo(roles.grant_sql(schema, names, revoke_public=revoke_public), nl=False)
         return
-    with db.connect(ctx.settings.conninfo()) as conn:
+    with db.connect(ctx.settings.conninfo(), pool_mode=ctx.settings.database_pool_mode) as conn:
         roles.apply_grants(conn, schema, names, revoke_public=revoke_public)
     created = ", ".join(names.by_component().values())
     click.echo(f"schema {schema}: roles {created} granted")
@@ -208,7 +210,9 @@ def grant_command(ctx: Context, apply_now: bool, prefix: str, keep_public_execut
 def status_command(ctx: Context, as_json: bool) -> None:
     """Per task identifier: ready, delayed, locked (of those, on the last attempt),
     failed permanently, oldest ready age."""
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with db.connect(
+        ctx.settings.conninfo(), autocommit=True, pool_mode=ctx.settings.database_pool_mode
+    ) as conn:
         rows = ctx.jobs_db().reads.task_status(conn)
     if as_json:
         click.echo(json.dumps([row.model_dump() for row in rows]))
@@ -247,7 +251,9 @@ def check_command(ctx: Context) -> None:
     """Exit 0 when the database is reachable and the schema is installed, else 1."""
     try:
         settings = ctx.settings
-        with db.connect(settings.conninfo(), autocommit=True) as conn:
+        with db.connect(
+            settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode
+        ) as conn:
             installed = ctx.jobs_db().reads.schema_installed(conn)
     except LqJobsError as exc:
         _fail(f"check failed: {exc}", EXIT_FAILURE)
@@ -349,7 +355,9 @@ def schedules_command(ctx: Context, as_json: bool, grace: float) -> None:
     from lqjobs.scheduler import report as schedule_report
     from lqjobs.scheduler.service import APPLICATION_NAME_PREFIX
 
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with db.connect(
+        ctx.settings.conninfo(), autocommit=True, pool_mode=ctx.settings.database_pool_mode
+    ) as conn:
         statuses = ctx.jobs_db().reads.scheduled_job_overview(conn, APPLICATION_NAME_PREFIX)
     items = schedule_report.reports(statuses, datetime.now(UTC), grace)
     if as_json:

@@ -108,7 +108,9 @@ def check_database(settings: Settings) -> list[Finding]:
     shown = redact_url(settings.conninfo())
     reads = db.Reads(settings.jobs_schema)
     try:
-        with db.connect(settings.conninfo(), autocommit=True) as conn:
+        with db.connect(
+            settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode
+        ) as conn:
             if not reads.schema_installed(conn):
                 return [
                     Finding(
@@ -178,7 +180,9 @@ def check_server(settings: Settings) -> list[Finding]:
     """The server's version, and whether JIT compilation is on and possible there
     (then any statement planned above jit_above_cost pays for an LLVM compile)."""
     try:
-        with db.connect(settings.conninfo(), autocommit=True) as conn:
+        with db.connect(
+            settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode
+        ) as conn:
             info = server.server_info(conn)
     except LqJobsError as exc:
         return [Finding("server", Level.FAIL, str(exc))]
@@ -216,9 +220,9 @@ def check_listener(settings: Settings) -> list[Finding]:
                 "listener",
                 Level.WARN,
                 "poll only (LQJOBS_DATABASE_POOL_MODE=transaction, no "
-                "LQJOBS_LISTEN_DATABASE_URL): new jobs wait up to LQJOBS_POLL_INTERVAL "
-                f"({settings.poll_interval:g}s); set LQJOBS_LISTEN_DATABASE_URL to a direct "
-                "URL to be woken at once",
+                f"LQJOBS_LISTEN_DATABASE_URL): new jobs wait up to {settings.poll_seconds():g}s "
+                "for the next poll; set LQJOBS_LISTEN_DATABASE_URL to a direct URL to be "
+                "woken at once",
             )
         ]
     where = "LISTEN on DATABASE_URL"
@@ -240,7 +244,9 @@ def _notify_round_trip(settings: Settings) -> tuple[float | None, tuple[str, str
     payload = secrets.token_hex(8)
     with (
         db.connect(settings.listen_conninfo(), autocommit=True) as listener,
-        db.connect(settings.conninfo(), autocommit=True) as sender,
+        db.connect(
+            settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode
+        ) as sender,
     ):
         db.listen(listener, channel)
         started = time.monotonic()
@@ -271,7 +277,9 @@ def check_schedules(settings: Settings) -> list[Finding]:
     from lqjobs.scheduler.service import APPLICATION_NAME_PREFIX
 
     try:
-        with db.connect(settings.conninfo(), autocommit=True) as conn:
+        with db.connect(
+            settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode
+        ) as conn:
             statuses = db.Reads(settings.jobs_schema).scheduled_job_overview(
                 conn, APPLICATION_NAME_PREFIX
             )

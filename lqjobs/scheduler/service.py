@@ -36,7 +36,7 @@ from lqjobs import db
 from lqjobs.db import Connection
 from lqjobs.db.scheduled import Scheduled
 from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
-from lqjobs.listening import Listener, ServiceLoop
+from lqjobs.listening import ServiceLoop, wake_source
 from lqjobs.logs import clean_text, escaped
 from lqjobs.models import AlreadyScheduled, ScheduledJobRow
 from lqjobs.scheduler.rules import InvalidSchedule
@@ -124,8 +124,8 @@ class Scheduler:
         self._next_poll = 0.0  # time.monotonic(); 0: poll at once
         self._conn: Connection | None = None
         # A new listener (first start, reconnect) polls at once: it missed what came before.
-        self.listener = Listener(
-            self._connect,
+        self.listener = wake_source(
+            None if settings.listens_through_pooler() else self._connect_listener,
             (db.SCHEDULED_INSERT_CHANNEL,),
             self.loop.stopping,
             on_listen=self._poll_now,
@@ -145,7 +145,7 @@ class Scheduler:
             self._released_own = True
         self.claim_all()
         self.refresh()  # after the claims: a row it releases is not claimed again at once
-        self._next_poll = time.monotonic() + self.settings.poll_interval
+        self._next_poll = time.monotonic() + self.settings.poll_seconds()
 
     def claim_all(self) -> int:
         """Claim free scheduled jobs until none is left; returns how many were claimed.
@@ -333,6 +333,16 @@ class Scheduler:
     def _connect(self) -> Connection:
         return db.connect(
             self.settings.conninfo(),
+            autocommit=True,
+            application_name=application_name(self.worker_id),
+            pool_mode=self.settings.database_pool_mode,
+        )
+
+    def _connect_listener(self) -> Connection:
+        """On the listen URL: through a transaction pooler, the one session that
+        stays this scheduler's, and so the one `lqjobs schedules` can see."""
+        return db.connect(
+            self.settings.listen_conninfo(),
             autocommit=True,
             application_name=application_name(self.worker_id),
         )

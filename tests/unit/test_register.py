@@ -343,3 +343,16 @@ def test_doctor_checks_the_app_s_broker_when_lqjobs_has_none_of_its_own() -> Non
     doctor.diagnose(settings(), [broker_check], app=app)
     doctor.diagnose(settings(broker_url=LQJOBS_BROKER), [broker_check], app=app)
     assert seen == [HOST_BROKER, LQJOBS_BROKER]
+
+
+def test_transaction_pooling_without_redis_start_claims_is_named() -> None:
+    """Through a transaction pooler the worker takes no advisory locks: only Redis'
+    start claim keeps a lease's deliveries from calling twice."""
+    rabbit = "amqp://guest@rabbit//"
+    app = host_app()
+    app.conf.broker_url = rabbit
+    pooled = settings(broker_url=rabbit, database_pool_mode="transaction")
+    assert concerns_of(app, pooled)["LQJOBS_DATABASE_POOL_MODE"] is False
+    assert "LQJOBS_DATABASE_POOL_MODE" not in concerns_of(app, settings(broker_url=rabbit))
+    on_redis = settings(broker_url=LQJOBS_BROKER, database_pool_mode="transaction")
+    assert "LQJOBS_DATABASE_POOL_MODE" not in concerns_of(host_app(), on_redis)

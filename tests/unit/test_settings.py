@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from lqjobs.errors import ConfigurationError
-from lqjobs.settings import Settings, env_name, load_settings, redact_url
+from lqjobs.settings import POLL_WITHOUT_LISTEN, Settings, env_name, load_settings, redact_url
 
 CANARY = "pw-CANARY-1"
 
@@ -131,3 +131,16 @@ def test_timeout_ladder_violations_are_named(overrides: dict[str, float], named:
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
     assert sorted(redact_url(url).split()) == sorted(shown.split())
     assert "s3cret" not in redact_url(url)
+
+
+def test_a_component_that_cannot_listen_polls_every_second_unless_told() -> None:
+    base = {"database_url": "postgresql://pgbouncer:6432/app"}
+    assert Settings(**base).poll_seconds() == 15.0  # direct: LISTEN wakes it
+    pooled = Settings(**base, database_pool_mode="transaction")
+    assert pooled.listens_through_pooler() and pooled.poll_seconds() == POLL_WITHOUT_LISTEN
+    direct_listen = Settings(
+        **base, database_pool_mode="transaction", listen_database_url="postgresql://db/app"
+    )
+    assert not direct_listen.listens_through_pooler() and direct_listen.poll_seconds() == 15.0
+    told = Settings(**base, database_pool_mode="transaction", poll_interval=5)
+    assert told.poll_seconds() == 5.0
