@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -21,6 +22,7 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel
 
 from lqjobs.errors import DatabaseError, DatabaseUnavailable, InvalidWorkerId, SchemaMissing
+from lqjobs.logs import escaped
 
 Connection = psycopg.Connection[Any]
 # lqjobs' own channel: "a job may be runnable now" after a fail_job (back-off) or
@@ -96,14 +98,39 @@ def connect(
 ) -> Connection:
     """``application_name`` (shown in pg_stat_activity) overrides the conninfo's when
     given; ``pool_mode``: how ``conninfo`` reaches Postgres (:func:`session_options`)."""
-    with translated_errors():
-        return psycopg.connect(
-            conninfo,
-            autocommit=autocommit,
-            connect_timeout=10,
-            application_name=application_name,
-            **session_options(pool_mode),
-        )
+    try:
+        with translated_errors():
+            return psycopg.connect(
+                conninfo,
+                autocommit=autocommit,
+                connect_timeout=10,
+                application_name=application_name,
+                **session_options(pool_mode),
+            )
+    except DatabaseUnavailable as exc:
+        raise DatabaseUnavailable(
+            f"database unavailable: cannot connect to {server_address(conninfo)}: "
+            f"{connect_failure(exc.__context__)}",
+            exc.sqlstate,
+        ) from None
+
+
+def server_address(conninfo: str) -> str:
+    """Where ``conninfo`` leads, as libpq reads it (no user, no password): the hosts and
+    ports tried, with PGHOST / PGPORT and libpq's defaults filled in."""
+    try:
+        params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "an unreadable connection string"
+    host = str(params.get("host") or os.environ.get("PGHOST") or "the local socket")
+    port = str(params.get("port") or os.environ.get("PGPORT") or 5432)
+    return escaped(f"{host} port {port}", 200)
+
+
+def connect_failure(exc: BaseException | None) -> str:
+    """libpq's reason ("Connection refused", "timeout expired", ...) without the rest."""
+    text = str(exc or "").splitlines()[0] if exc else ""
+    return escaped(text.rsplit("failed: ", 1)[-1].strip() or type(exc).__name__, 200)
 
 
 def listen(conn: Connection, *channels: str) -> None:

@@ -18,7 +18,7 @@ from uuid import UUID
 import click
 
 from lqjobs import db
-from lqjobs.errors import ConfigurationError, DatabaseError, LqJobsError
+from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable, LqJobsError
 from lqjobs.logs import escaped
 from lqjobs.metrics import Sample, serve
 from lqjobs.ops import migrate, roles
@@ -47,12 +47,27 @@ def handles_errors(command: F) -> F:
             return command(*args, **kwargs)
         except ConfigurationError as exc:
             _fail(str(exc), EXIT_CONFIG)
+        except DatabaseUnavailable as exc:
+            _fail(f"database error: {exc}\n{_where_to_point()}", EXIT_DATABASE)
         except DatabaseError as exc:
             _fail(f"database error: {exc}", EXIT_DATABASE)
         except LqJobsError as exc:
             _fail(str(exc), EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _where_to_point() -> str:
+    """What to set after a failed connection; names a `lqjobs dev` stack running here."""
+    from lqjobs.ops.dev import DEFAULT_DATA_DIR, EXPORTS_FILE
+
+    exports = DEFAULT_DATA_DIR / EXPORTS_FILE
+    if exports.exists():
+        return f"lqjobs: `lqjobs dev` runs from this directory: run `. {exports}` first"
+    return (
+        "lqjobs: set DATABASE_URL (or PGHOST, PGPORT, PGUSER, PGDATABASE); for the stack of "
+        f"a running `lqjobs dev`: `. {exports}` in its directory"
+    )
 
 
 class Context:

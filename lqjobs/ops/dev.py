@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -42,6 +43,20 @@ DEMO_JOBS: dict[str, tuple[str, dict[str, Any], int]] = {
 }
 DEMO_SCHEDULE = ("tick", {"rule": "*/5 * * * * *"})  # every five seconds
 ROLES = ("functions", "worker", "callback", "scheduler", "bridge", "flower")
+DEFAULT_DATA_DIR = Path(".lqjobs")
+# What another terminal sources to point lqjobs' commands at the running stack.
+EXPORTS_FILE = "env.sh"
+EXPORTED = (
+    "DATABASE_URL",
+    "LQJOBS_BROKER_URL",
+    "JOBS_SUPPORT_ANY",
+    "LQJOBS_EXECUTOR",
+    "LQJOBS_TASK_EXECUTORS",
+    "LQJOBS_KNATIVE_INGRESS_URL",
+    "INTERNAL_GATEWAY_URL",
+    "INTERNAL_JOBS_CALLBACK_URL",
+    "LQJOBS_CALLBACK_KEYS",
+)
 
 
 @dataclass
@@ -208,6 +223,26 @@ def child_environment(servers: Servers, ports: dict[str, int]) -> dict[str, str]
     return env
 
 
+def write_exports(folder: Path, env: dict[str, str]) -> Path:
+    """``folder/env.sh``: the stack's addresses (and its callback keys, so the file is
+    the owner's alone) as shell exports, for `lqjobs status` and friends elsewhere."""
+    path = folder / EXPORTS_FILE
+    lines = [f"export {name}={shlex.quote(env[name])}\n" for name in EXPORTED if name in env]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write("# written by `lqjobs dev` while it runs; removed when it stops\n")
+        file.writelines(lines)
+    return path
+
+
+def print_exports(path: Path, env: dict[str, str], out: TextIO) -> None:
+    shown = {name: redact_url(env[name]) for name in ("DATABASE_URL", "LQJOBS_BROKER_URL")}
+    print(f"other terminals: . {shlex.quote(str(path))}   # or:", file=out)
+    for name, value in shown.items():
+        print(f"  export {name}={shlex.quote(value)}", file=out)
+    print(flush=True, file=out)
+
+
 def enqueue_demo(database_url: str) -> set[int]:
     jobs_db = db.JobsDB()
     with db.connect(database_url, autocommit=True) as conn, conn.transaction():
@@ -265,6 +300,7 @@ def run(
     flower_port: int = 5555,
     out: TextIO = sys.stdout,
 ) -> int:
+    requested_dir = data_dir
     data_dir = reachable_data_dir(data_dir, out)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -281,14 +317,17 @@ def run(
             "callback": free_port(),
             "flower": flower_port if _free(flower_port) else free_port(),
         }
-        stack = Stack(child_environment(servers, ports), data_dir / "logs", ports)
+        env = child_environment(servers, ports)
+        stack = Stack(env, data_dir / "logs", ports)
         stack.start()
+        exports = write_exports(requested_dir, env)
         print(
             f"broker {redact_url(servers.broker_url)} | Flower http://127.0.0.1:"
             f"{ports['flower']} | logs {data_dir / 'logs'}",
             file=out,
             flush=True,
         )
+        print_exports(exports, env, out)
         demo_ids = enqueue_demo(servers.database_url) if demo else set()
         _watch(stack, Progress(servers.database_url, demo_ids, out), stopping.is_set, out)
     finally:
@@ -296,6 +335,7 @@ def run(
         if stack is not None:
             stack.stop()
         servers.stop()
+        (requested_dir / EXPORTS_FILE).unlink(missing_ok=True)
     print("stopped", file=out, flush=True)
     return 0
 

@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def children_of(pid: int) -> list[int]:
 
 def test_lqjobs_dev_runs_the_demo_and_stops_on_ctrl_c() -> None:
     # Reachable by the unprivileged Postgres user (pytest's tmp_path is not, as root).
-    data_dir = Path(tempfile.mkdtemp(prefix="lqjobs-dev-test-")) / "dev"
+    data_dir = Path(tempfile.mkdtemp(prefix="lqjobs-dev-test-")) / ".lqjobs"  # the default name
     data_dir.parent.chmod(0o755)
     env = {
         k: v
@@ -96,6 +97,10 @@ def test_lqjobs_dev_runs_the_demo_and_stops_on_ctrl_c() -> None:
         screen = terminal.read_until("all demo jobs done", timeout=90)
         assert "schema installed" in screen
         assert "Flower http://127.0.0.1:" in screen
+        exports = data_dir / "env.sh"
+        assert f"other terminals: . {exports}" in screen
+        assert exports.stat().st_mode & 0o777 == 0o600  # it holds the callback keys
+        second_terminal(env, data_dir.parent, exports)
         session = os.getsid(terminal.proc.pid)
         terminal.ctrl_c()
         assert terminal.proc.wait(60) == 0, terminal.screen
@@ -104,6 +109,7 @@ def test_lqjobs_dev_runs_the_demo_and_stops_on_ctrl_c() -> None:
             ["pgrep", "-s", str(session)], capture_output=True, text=True
         ).stdout.split()
         assert leftovers == [], f"processes left behind: {leftovers}"
+        assert not exports.exists()  # its addresses died with the stack
     finally:
         terminal.close()
     # A second run reuses the data: the schema is already there.
@@ -127,3 +133,30 @@ def test_lqjobs_dev_runs_the_demo_and_stops_on_ctrl_c() -> None:
         assert again.proc.wait(60) == 0
     finally:
         again.close()
+
+
+def second_terminal(env: dict[str, str], folder: Path, exports: Path) -> None:
+    """`lqjobs status` from another terminal: without the exports, one error that names
+    the address it tried and the file to source; with them, the demo's tasks."""
+    status = [sys.executable, "-m", "lqjobs", "status"]
+    bare = subprocess.run(status, env=env, cwd=folder, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 4
+    assert "cannot connect to" in bare.stderr and "port 5432" in bare.stderr, bare.stderr
+    assert "run `. .lqjobs/env.sh` first" in bare.stderr
+    exported = dict(
+        shlex.split(line)[1].split("=", 1)
+        for line in exports.read_text().splitlines()
+        if line.startswith("export ")
+    )
+    assert set(exported) >= {"DATABASE_URL", "LQJOBS_BROKER_URL"}
+    for command in ("status", "check"):
+        pointed = subprocess.run(
+            [sys.executable, "-m", "lqjobs", command],
+            env=env | exported,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert pointed.returncode == 0, pointed.stderr
+    assert "has schema app_jobs" in pointed.stdout  # the dev stack's database
