@@ -30,6 +30,8 @@ STARTED_PREFIX = "lqjobs:started:"
 RECORDING_PREFIX = "lqjobs:recording:"
 DEFERRED_KEY = "lqjobs:deferred"
 MARKER_PREFIX = "lqjobs:reconcile:"
+NEVER_RAN_PREFIX = "lqjobs:never-ran:"
+NEVER_RAN_TTL = 3600  # seconds a job's count of calls that never ran is kept
 PROBE_TIMEOUT = 5.0  # seconds: a hung Redis must not hang the bridge's loop
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,21 @@ class StartedMarks:
         if recording:
             return Claim.RECORDING, None
         return Claim.STARTED, _from_micros(earlier)
+
+    def count_never_ran(self, job_id: int) -> int | None:
+        """How many calls of this job in a row (within NEVER_RAN_TTL) never reached its
+        function, this one included; None without Redis or when it cannot answer."""
+        if self.client is None:
+            return None
+        key = NEVER_RAN_PREFIX + str(job_id)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.incr(key)
+            pipe.expire(key, NEVER_RAN_TTL)
+            count, _ = pipe.execute()
+        except redis.RedisError:
+            return None
+        return int(count)
 
     def recording(self, lease: Lease, ttl: float) -> None:
         """Say for ``ttl`` seconds (Redis' clock: no host's matters) that this lease's

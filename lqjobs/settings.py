@@ -20,6 +20,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from lqjobs.errors import ConfigurationError
 
 ExecutorName = Literal["openfaas", "openfaas-async", "knative", "devmap", "native"]
+# A task's route: one executor, or canary weights ({"knative": 10, "openfaas": 90}).
+Weight = Annotated[int, Field(ge=0, le=1_000_000)]
+Route = ExecutorName | dict[ExecutorName, Weight]
 # Seconds between polls of a component that cannot LISTEN (a transaction pooler and
 # no LQJOBS_LISTEN_DATABASE_URL), unless LQJOBS_POLL_INTERVAL says otherwise.
 POLL_WITHOUT_LISTEN = 1.0
@@ -87,12 +90,15 @@ class Settings(BaseSettings):
     # `-Q` takes it: no comma, no space.
     queue: str = _env("LQJOBS_QUEUE", default="lqjobs", pattern=r"^[\w.:-]{1,200}$")
     executor: ExecutorName = _env("LQJOBS_EXECUTOR", default="openfaas")
-    task_executors: dict[str, ExecutorName] = _env("LQJOBS_TASK_EXECUTORS", default_factory=dict)
+    task_executors: dict[str, Route] = _env("LQJOBS_TASK_EXECUTORS", default_factory=dict)
     knative_namespace: str = _env("LQJOBS_KNATIVE_NAMESPACE", default="default")
     # Call Knative services through this ingress (Host header = the service's host)
     # instead of resolving <task>.<namespace>.svc.cluster.local directly.
     knative_ingress_url: str | None = _env("LQJOBS_KNATIVE_INGRESS_URL", default=None)
     retry_on_404: bool = _env("LQJOBS_RETRY_ON_404", default=True)
+    # A call that never reached its function (docs/design.md, F25) is retried this many
+    # times in a row with its attempt returned; after that, each costs an attempt.
+    never_ran_retries: int = _env("LQJOBS_NEVER_RAN_RETRIES", default=10, ge=0)
     db_pool_size: int = _env("LQJOBS_DB_POOL_SIZE", default=32, ge=1)
     metrics_port: int | None = _env("LQJOBS_METRICS_PORT", default=None, ge=0, le=65535)
     max_in_flight: int = _env("LQJOBS_MAX_IN_FLIGHT", default=200, ge=1)
@@ -137,6 +143,14 @@ class Settings(BaseSettings):
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("task_executors")
+    @classmethod
+    def _weights_add_up(cls, value: dict[str, Route]) -> dict[str, Route]:
+        for task, route in value.items():
+            if isinstance(route, dict) and sum(route.values()) <= 0:
+                raise ValueError(f"the weights of {task!r} add up to 0")
         return value
 
     @field_validator("jobs_schema")
@@ -187,8 +201,20 @@ class Settings(BaseSettings):
         """The task list handed to get_job: None means any task (JOBS_SUPPORT_ANY)."""
         return None if self.jobs_support_any else list(self.jobs_supported)
 
-    def executor_for(self, task_identifier: str) -> ExecutorName:
-        return self.task_executors.get(task_identifier, self.executor)
+    def route_of(self, task_identifier: str) -> dict[ExecutorName, int]:
+        """The task's executors with their weights (one executor: weight 1); executors
+        of weight 0 left out."""
+        route = self.task_executors.get(task_identifier, self.executor)
+        if isinstance(route, str):
+            return {route: 1}
+        return {name: weight for name, weight in route.items() if weight > 0}
+
+    def executor_names(self) -> set[ExecutorName]:
+        """Every executor some task may route to."""
+        names: set[ExecutorName] = {self.executor}
+        for task in self.task_executors:
+            names |= set(self.route_of(task))
+        return names
 
     def callback_deadline_seconds(self) -> float:
         """How long a deferred job waits for its callback before it is failed."""

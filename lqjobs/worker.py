@@ -62,6 +62,10 @@ from lqjobs.settings import Settings
 
 log = logging.getLogger(__name__)
 RECORDING_MARGIN = 5.0  # seconds a "writing the outcome" mark outlives the next retry
+# A call that never ran is retried after 1, 2, 4, ... seconds, at most this many, or
+# after the platform's Retry-After, at most RETRY_AFTER_CAP (docs/design.md, F25).
+PLATFORM_BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 300.0
 
 
 class Result(enum.Enum):
@@ -75,6 +79,7 @@ class Result(enum.Enum):
     GIVEN_BACK = "given_back"  # delivered too late to start the call: lease returned unrun
     WORKER_LOST = "worker_lost"  # delivered again after its call had started: failed, not re-run
     DUPLICATE = "duplicate"  # delivered again while its call awaits a callback: dropped, untouched
+    NEVER_RAN = "never_ran"  # the call never reached the function: retried, its attempt returned
     UNRECORDED = "unrecorded"  # the database stayed away until the lease expired
 
 
@@ -243,7 +248,7 @@ class JobRunner:
             callback_url=self._callback_url(lease),
         )
         try:
-            return self.router.for_task(job.task_identifier).invoke(invocation)
+            return self.router.for_task(job.task_identifier, job.id).invoke(invocation)
         except SoftTimeLimitExceeded:
             return Failed(
                 f"timeout after {self.settings.task_soft_time_limit:g}s (soft time limit)"
@@ -314,6 +319,15 @@ class JobRunner:
         elif outcome.permanent:
             settled = self.fence.fenced_fail_permanently(conn, lease, outcome.message)
             result = Result.FAILED_PERMANENTLY
+        elif outcome.never_ran and (delay := self._platform_delay(lease, outcome)) is not None:
+            message = f"never ran, retrying in {delay:g}s: {outcome.message}"
+            settled = self.fence.fenced_give_back(conn, lease, message, delay=delay)
+            result = Result.NEVER_RAN
+            if settled:
+                log.warning(
+                    "the call never reached the function; retrying without spending an attempt",
+                    extra=_fields(lease, "", "never_ran_retry") | {"retry_in_seconds": delay},
+                )
         else:
             settled = self.fence.fenced_fail(conn, lease, outcome.message, release_advisory=release)
             released = release
@@ -325,6 +339,17 @@ class JobRunner:
             )
             return Result.STALE, released
         return result, released
+
+    def _platform_delay(self, lease: Lease, outcome: Failed) -> float | None:
+        """Seconds until a call that never ran is tried again with its attempt returned,
+        or None once the job has never run ``LQJOBS_NEVER_RAN_RETRIES`` times in a row
+        (or without Redis to count them): then it costs an attempt, as any failure."""
+        count = self.marks.count_never_ran(lease.job_id)
+        if count is None or count > self.settings.never_ran_retries:
+            return None
+        if outcome.retry_after is not None:
+            return min(outcome.retry_after, RETRY_AFTER_CAP)
+        return min(2.0 ** (count - 1), PLATFORM_BACKOFF_CAP)
 
     def close(self) -> None:
         self.pool.close()

@@ -49,7 +49,7 @@ def may_defer(settings: Settings) -> Callable[[str], bool]:
     HTTP executor does on a 202 answer when a callback URL is configured."""
     if settings.internal_jobs_callback_url is None:
         return lambda task: False
-    return lambda task: settings.executor_for(task) != "native"
+    return lambda task: any(name != "native" for name in settings.route_of(task))
 
 
 def republish_window(settings: Settings) -> timedelta:

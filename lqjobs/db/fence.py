@@ -174,19 +174,26 @@ class Fence(Statements):
             self._queue.permanently_fail_jobs(conn, [lease.job_id], message)
             return True
 
-    def fenced_give_back(self, conn: Connection, lease: Lease, error_message: str) -> bool:
-        """Hand back a lease whose call was never started: ``fail_job`` (it unlocks, and
+    def fenced_give_back(
+        self, conn: Connection, lease: Lease, error_message: str, *, delay: float = 0.0
+    ) -> bool:
+        """Hand back a lease whose call never ran: ``fail_job`` (it unlocks, and
         ``last_error`` says why) then ``reschedule_jobs`` with the attempt returned and
-        ``run_at`` now, in one transaction under ``lease``; False if it is not held."""
+        ``run_at`` ``delay`` seconds from now (database clock), in one transaction under
+        ``lease``; False if it is not held."""
         with translated_errors(), conn.transaction():
             if not self.fenced_fail(conn, lease, error_message):
                 return False
             query = self._statement(conn, "give_back", self._give_back_query)
-            self._void(conn, query, [[lease.job_id], max(lease.attempts - 1, 0)])
+            self._void(conn, query, [[lease.job_id], delay, max(lease.attempts - 1, 0)])
             return True
 
     def _give_back_query(self) -> sql.Composed:
-        args = [sql.SQL("%s::bigint[]"), sql.SQL("now()"), sql.SQL("NULL::int")]
+        args = [
+            sql.SQL("%s::bigint[]"),
+            sql.SQL("now() + make_interval(secs => %s::float8)"),
+            sql.SQL("NULL::int"),
+        ]
         return self._call("reschedule_jobs", "1", [*args, sql.SQL("%s::int"), sql.SQL("NULL::int")])
 
     def lock_lease_state(self, conn: Connection, lease: Lease, expires_at: datetime) -> LeaseState:

@@ -45,10 +45,15 @@ class Done:
 
 @dataclass(frozen=True)
 class Failed:
-    """The function failed; ``permanent`` means retrying cannot help."""
+    """The function failed; ``permanent`` means retrying cannot help. ``never_ran``:
+    the request never reached the function (refused, unresolvable, a gateway's or an
+    activator's 502/503/504, a 429), so the attempt may be returned (docs/design.md,
+    F25); ``retry_after``: seconds the platform asked to wait, when it said."""
 
     message: str
     permanent: bool = False
+    never_ran: bool = False
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -93,12 +98,20 @@ class PermanentJobError(ExecutorError):
 
 _RETRYABLE_4XX = frozenset({408, 425, 429})
 _PERMANENT_4XX = frozenset({400, 401, 403, 405, 410, 413, 415, 422})
+# What a gateway, an activator or a rate limiter answers for a function it did not
+# call: a Knative service scaling from zero, an OpenFaaS gateway with no replica.
+NEVER_RAN_STATUSES = frozenset({429, 502, 503, 504})
 
 
 def classify_status(
-    status: int, *, retry_on_404: bool, task: str = "function", detail: str = ""
+    status: int,
+    *,
+    retry_on_404: bool,
+    task: str = "function",
+    detail: str = "",
+    retry_after: float | None = None,
 ) -> Outcome:
-    """Map an HTTP status to an outcome (docs/design.md, F13).
+    """Map an HTTP status to an outcome (docs/design.md, F13 and F25).
 
     ``detail`` (usually the response body) is cut to a short, clean excerpt.
     """
@@ -110,6 +123,8 @@ def classify_status(
     excerpt = one_line(detail, EXCERPT_CHARS)
     if excerpt:
         message += f": {excerpt}"
+    if status in NEVER_RAN_STATUSES:
+        return Failed(message, never_ran=True, retry_after=retry_after)
     return Failed(message, permanent=is_permanent_status(status, retry_on_404))
 
 

@@ -9,10 +9,12 @@ exchange, connect to the last byte read, has one deadline (:mod:`.deadline`).
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import ClassVar
 
@@ -54,6 +56,7 @@ class _Reply:
     status: int
     job_error: bool  # the Node wrapper's "200 + X-Job-Error: true" failure
     body: bytes  # at most MAX_RESPONSE_BYTES
+    retry_after: float | None = None  # seconds, from a Retry-After header
 
 
 class FunctionClient:
@@ -137,15 +140,35 @@ def _post(client: FunctionClient, request: _Request, task: str) -> _Reply | Fail
     try:
         with client.post(request.url, request.headers, request.body) as response:
             job_error = response.headers.get("x-job-error", "").strip().lower() == "true"
-            return _Reply(response.status_code, job_error, _read_prefix(response))
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            return _Reply(response.status_code, job_error, _read_prefix(response), retry_after)
     except DeadlineExceeded:
         return Failed(f"timeout after {client.deadline:g}s (whole exchange) calling {task}")
+    except (httpx.ConnectTimeout, httpx.PoolTimeout) as exc:  # nothing was sent
+        return Failed(_timeout_message(client.timeout, exc, task), never_ran=True)
     except httpx.TimeoutException as exc:
         return Failed(_timeout_message(client.timeout, exc, task))
-    except httpx.ConnectError as exc:
-        return Failed(f"connection failed: {task}: {one_line(str(exc), 120)}")
+    except httpx.ConnectError as exc:  # refused, unresolvable: nothing was sent
+        return Failed(f"connection failed: {task}: {one_line(str(exc), 120)}", never_ran=True)
     except httpx.HTTPError as exc:
         return Failed(f"transport error: {task}: {type(exc).__name__}: {one_line(str(exc), 120)}")
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds from now: delta-seconds or an HTTP date; None when absent
+    or unreadable (RFC 9110, 10.2.3)."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _read_prefix(response: httpx.Response) -> bytes:
@@ -177,7 +200,13 @@ def _sync_outcome(reply: _Reply, task: str, retry_on_404: bool) -> Outcome:
             return Failed(f"{task} reported an error: {_error_message(reply.body)}")
         return Done()
     detail = reply.body.decode("utf-8", "replace")
-    return classify_status(reply.status, retry_on_404=retry_on_404, task=task, detail=detail)
+    return classify_status(
+        reply.status,
+        retry_on_404=retry_on_404,
+        task=task,
+        detail=detail,
+        retry_after=reply.retry_after,
+    )
 
 
 def _error_message(body: bytes) -> str:

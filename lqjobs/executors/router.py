@@ -7,6 +7,7 @@ instead of stopping the worker.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 from lqjobs.errors import ConfigurationError
@@ -16,7 +17,8 @@ from lqjobs.executors.http import FunctionClient
 from lqjobs.executors.knative import KnativeExecutor
 from lqjobs.executors.native import HandlerRegistry, NativeExecutor, handlers
 from lqjobs.executors.openfaas import OpenFaaSExecutor
-from lqjobs.settings import Settings
+from lqjobs.logs import escaped
+from lqjobs.settings import ExecutorName, Settings
 
 
 class UnavailableExecutor:
@@ -32,15 +34,38 @@ class UnavailableExecutor:
         return Failed(message, permanent=True)
 
 
+def canary_bucket(job_id: int, total: int) -> int:
+    """A job's place in ``range(total)``: a hash of its id, so consecutive ids spread
+    evenly and a job keeps its place on every attempt."""
+    digest = hashlib.blake2b(job_id.to_bytes(8, "big", signed=True), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % total
+
+
+def pick_executor(route: Mapping[ExecutorName, int], job_id: int) -> ExecutorName:
+    """The executor of ``route`` (weights) that runs job ``job_id``. The executors take
+    the buckets in name order, so raising the first one's weight (``knative`` before
+    ``openfaas``) only moves jobs onto it, never off it."""
+    names = sorted(route)
+    if len(names) == 1:
+        return names[0]
+    bucket = canary_bucket(job_id, sum(route.values()))
+    for name in names:
+        if bucket < route[name]:
+            return name
+        bucket -= route[name]
+    raise AssertionError("bucket beyond the total weight")
+
+
 class ExecutorRouter:
-    """Picks the executor configured for a task; executors are built once."""
+    """Picks the executor configured for a task (for a canary, for the job);
+    executors are built once."""
 
     def __init__(self, settings: Settings, executors: Mapping[str, JobExecutor]) -> None:
         self._settings = settings
         self._executors = dict(executors)
 
-    def for_task(self, task_identifier: str) -> JobExecutor:
-        name = self._settings.executor_for(task_identifier)
+    def for_task(self, task_identifier: str, job_id: int = 0) -> JobExecutor:
+        name = pick_executor(self._settings.route_of(task_identifier), job_id)
         executor = self._executors.get(name)
         return executor if executor is not None else UnavailableExecutor(name, "not built")
 
@@ -52,11 +77,37 @@ class ExecutorRouter:
 def build_router(
     settings: Settings, client: FunctionClient, registry: HandlerRegistry = handlers
 ) -> ExecutorRouter:
-    names = {settings.executor, *settings.task_executors.values()}
     executors: dict[str, JobExecutor] = {
-        name: _build_executor(name, settings, client, registry) for name in names
+        name: _build_executor(name, settings, client, registry)
+        for name in settings.executor_names()
     }
+    warn_openfaas_after_flip(settings)
     return ExecutorRouter(settings, executors)
+
+
+def openfaas_after_flip(settings: Settings) -> list[str]:
+    """Tasks that still route (some of) their jobs to OpenFaaS once the default is
+    Knative: the migration's leftovers."""
+    if settings.executor != "knative":
+        return []
+    return sorted(
+        task
+        for task in settings.task_executors
+        if {"openfaas", "openfaas-async"} & set(settings.route_of(task))
+    )
+
+
+def warn_openfaas_after_flip(settings: Settings) -> None:
+    leftovers = openfaas_after_flip(settings)
+    if leftovers:
+        logger.warning(
+            "OpenFaaS is deprecated here: the default executor is knative, but these "
+            "tasks still route to OpenFaaS",
+            extra={
+                "action": "openfaas_deprecated",
+                "tasks": ",".join(escaped(task) for task in leftovers),
+            },
+        )
 
 
 def _build_executor(

@@ -22,6 +22,7 @@ from lqjobs import db
 from lqjobs.broker_state import is_redis
 from lqjobs.db import server
 from lqjobs.errors import LqJobsError
+from lqjobs.executors.router import openfaas_after_flip
 from lqjobs.host_checks import broker_of, lqjobs_broker, worker_concerns
 from lqjobs.lease import TASK_NAME
 from lqjobs.logs import escaped
@@ -67,7 +68,8 @@ def check_settings(settings: Settings) -> list[Finding]:
         findings.append(
             Finding("tasks", Level.FAIL, "neither JOBS_SUPPORTED nor JOBS_SUPPORT_ANY is set")
         )
-    uses_async = "openfaas-async" in {settings.executor, *settings.task_executors.values()}
+    findings += route_findings(settings)
+    uses_async = "openfaas-async" in settings.executor_names()
     if uses_async and not (settings.callback_keys and settings.internal_jobs_callback_url):
         findings.append(
             Finding(
@@ -209,6 +211,31 @@ def _jit_finding(info: server.ServerInfo) -> Finding:
     if not info.jit_available:
         return Finding("jit", Level.OK, "on, but no JIT provider is installed: never used")
     return Finding("jit", Level.OK, f"on, available (jit_above_cost {info.jit_above_cost:g})")
+
+
+def route_findings(settings: Settings) -> list[Finding]:
+    """The route table: the default executor, then each task routed its own way, a
+    canary with its shares; a WARN for OpenFaaS routes left after the flip to Knative."""
+    found = [Finding("routes", Level.OK, f"default: {settings.executor}")]
+    for task in sorted(settings.task_executors):
+        route = settings.route_of(task)
+        total = sum(route.values())
+        shares = ", ".join(
+            f"{name} {100 * weight / total:g} %" if len(route) > 1 else name
+            for name, weight in sorted(route.items())
+        )
+        found.append(Finding("routes", Level.OK, f"{escaped(task)}: {shares or 'nothing'}"))
+    leftovers = openfaas_after_flip(settings)
+    if leftovers:
+        found.append(
+            Finding(
+                "routes",
+                Level.WARN,
+                "OpenFaaS is deprecated after the flip to knative; still routed there: "
+                + ", ".join(escaped(task) for task in leftovers),
+            )
+        )
+    return found
 
 
 def check_listener(settings: Settings) -> list[Finding]:

@@ -200,7 +200,7 @@ def test_a_lost_database_after_a_successful_call_retries_only_the_bookkeeping(
 ) -> None:
     lease = lock_job(conn, "noop", {})
     executor = KillsItsSession(db_url)
-    runner.router.for_task = lambda _task: executor  # type: ignore[method-assign]
+    runner.router.for_task = lambda _task, _job_id=0: executor  # type: ignore[method-assign]
     assert runner.run(lease, "noop", "call-1", redelivered=False) is Result.COMPLETED
     assert executor.calls == 1  # the function was not called again
     assert row(conn, lease.job_id) is None  # and the job is settled
@@ -315,7 +315,7 @@ def test_a_started_deferred_lease_delivered_again_is_dropped_without_a_write(
 ) -> None:
     lease = lock_job(conn, "async-fn", {})
     executor = DefersItsCall()
-    runner.router.for_task = lambda _task: executor  # type: ignore[method-assign]
+    runner.router.for_task = lambda _task, _job_id=0: executor  # type: ignore[method-assign]
     assert runner.run(lease, "async-fn", "call-1", redelivered=False) is Result.DEFERRED
     held = row(conn, lease.job_id)
     assert held is not None and held[1] == WORKER  # locked until its callback comes
