@@ -282,14 +282,12 @@ class Plan:
     def ids(self) -> list[int]:
         return [v.id for v in self.jobs]
 
-    def running(self) -> list[int]:
-        return [v.id for v in self.jobs if v.locked_at is not None]
-
 
 @dataclass(frozen=True)
 class Outcome:
     changed: list[int]
     left: list[int] = field(default_factory=list)  # moved on since planned: not touched
+    locked: list[int] = field(default_factory=list)  # of the changed, locked when acted on
 
 
 def plan_named(
@@ -327,7 +325,8 @@ def carry_out(conn: Connection, jobs_db: JobsDB, plan: Plan, judged: Judgement) 
         now = jobs_db.admin.jobs(conn, JobFilter(ids=plan.ids), judged)
         still = [v for v in now if plan.action.refuses(v) is None]
         changed = plan.action.apply(conn, jobs_db, still)
-    return Outcome(changed, sorted(set(plan.ids) - set(changed)))
+    locked = [v.id for v in still if v.locked_at is not None and v.id in changed]
+    return Outcome(changed, sorted(set(plan.ids) - set(changed)), locked)
 
 
 def outcome_lines(plan: Plan, outcome: Outcome) -> list[str]:
@@ -337,11 +336,10 @@ def outcome_lines(plan: Plan, outcome: Outcome) -> list[str]:
     lines = []
     if outcome.changed:
         line = f"{action.done} {jobs_word(len(outcome.changed))}: {id_list(outcome.changed)}"
-        running = sorted(set(plan.running()) & set(outcome.changed))
-        if action.verb == "cancel" and running:
+        if action.verb == "cancel" and outcome.locked:
             line += (
-                f" ({jobs_word(len(running))} locked by a worker: {id_list(running)}; "
-                "its outcome will be dropped, and it will not run again)"
+                f" (locked when cancelled: {id_list(outcome.locked)}; a worker's outcome for it "
+                "will be dropped, and it will not run again)"
             )
         lines.append(line)
     if outcome.left:

@@ -362,7 +362,7 @@ def _run_gated_job(
         if cancel:
             done = jobs(db_url, "cancel", str(job_id), "--yes")
             assert done.exit_code == 0, done.output
-            assert f"cancelled 1 job: {job_id} (1 job locked by a worker" in done.output
+            assert f"cancelled 1 job: {job_id} (locked when cancelled: {job_id};" in done.output
             assert row(conn, job_id) is None
         functions.open_gate("release")
         functions.calls.wait_for_calls(1, timeout=30, job_id=job_id)
