@@ -40,6 +40,11 @@ yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for conf
 task_option = click.option("--task", help="Only jobs of this task identifier.")
 
 
+def _connect(ctx: Context) -> Connection:
+    settings = ctx.settings
+    return db.connect(settings.conninfo(), autocommit=True, pool_mode=settings.database_pool_mode)
+
+
 @click.group("jobs")
 def jobs() -> None:
     """Look at jobs and fix them: list, show, retry, discard, unlock, cancel, purge
@@ -79,7 +84,7 @@ def list_command(
         created_longer_ago=older_than,
     )
     judged = admin.judgement(ctx.settings)
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with _connect(ctx) as conn:
         views = ctx.jobs_db().admin.jobs(conn, where, judged, limit=limit + 1)
     shown = views[:limit]
     if as_json:
@@ -103,7 +108,7 @@ def list_command(
 def show_command(ctx: Context, job_id: int, payload: bool, as_json: bool) -> None:
     """One job: state, attempts, last_error, its lock and whether its holder is alive."""
     judged = admin.judgement(ctx.settings)
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with _connect(ctx) as conn:
         views = ctx.jobs_db().admin.jobs(conn, JobFilter(ids=[job_id]), judged, payload=payload)
     if not views:
         raise LqJobsError(f"no such job: {job_id}")
@@ -118,7 +123,7 @@ def _run(ctx: Context, planner: Planner, *, confirm: bool, dry_run: bool, yes: b
     """Plan, show, confirm, carry out, report; exit 1 if a planned job was left alone."""
     judged = admin.judgement(ctx.settings)
     jobs_db = ctx.jobs_db()
-    with db.connect(ctx.settings.conninfo(), autocommit=True) as conn:
+    with _connect(ctx) as conn:
         plan = planner(conn, jobs_db, judged)
         verb = plan.action.verb
         if not plan.jobs:
