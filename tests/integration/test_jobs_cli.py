@@ -189,6 +189,9 @@ def test_show_names_attempts_error_and_holder_and_the_payload_only_when_asked(
     assert as_json["task_identifier"] == hostile
     assert "payload" not in json.loads(jobs(db_url, "show", str(job_id), "--json").output)
 
+    table = jobs(db_url, "list")
+    assert "\x1b" not in table.output and "\u2028" not in table.output
+    assert len(table.output.splitlines()) == 2  # the header and the job's one line
     missing = jobs(db_url, "show", "424242")
     assert missing.exit_code == EXIT_FAILURE and "no such job: 424242" in missing.output
 
