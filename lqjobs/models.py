@@ -40,6 +40,33 @@ class JobRow(BaseModel):
         return json.loads(self.payload)
 
 
+class JobView(BaseModel):
+    """One job as ``lqjobs jobs`` shows it: the row (the payload only when asked for),
+    its state, and what the database knows of its lock's holder."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    database_id: UUID
+    queue_name: str | None
+    task_identifier: str
+    priority: int
+    run_at: datetime
+    attempts: int
+    max_attempts: int
+    key: str | None
+    last_error: str | None
+    locked_at: datetime | None
+    locked_by: str | None
+    created_at: datetime | None
+    updated_at: datetime | None
+    state: str  # ready | delayed | locked | stranded | failed (docs/operating.md)
+    lease_age_seconds: float | None  # by the database's clock; None when unlocked
+    holder_connected: bool | None  # a session announces the holder; None when unlocked
+    call_running: bool | None  # a session holds the job's advisory lock; None when unlocked
+    payload: str | None = None
+
+
 class ScheduledJobRow(BaseModel):
     """One row of ``app_jobs.scheduled_jobs``; ``payload`` and ``schedule_info`` as JSON text."""
 

@@ -51,6 +51,11 @@ SATURATED_RECHECK = 0.05
 
 
 ABANDONED_MESSAGE = "lease expired on the last attempt with no outcome recorded"
+# A bridge's sessions carry this application_name, so `lqjobs jobs` can tell a lock
+# whose holder is connected from one whose holder is gone.
+APPLICATION_NAME_PREFIX = "lqjobs-bridge:"
+# The ids new_worker_id makes: the only holders `lqjobs jobs` judges gone by their sessions.
+WORKER_ID_PATTERN = r"^bridge-[A-Za-z0-9._-]{1,40}-[0-9a-f]{12}$"
 
 
 def sweep_interval(settings: Settings) -> float:
@@ -67,6 +72,10 @@ def new_worker_id(hostname: str) -> str:
             "invalid HOSTNAME: only letters, digits, '.', '_' and '-' may form a worker id"
         )
     return f"bridge-{host}-{secrets.token_hex(6)}"
+
+
+def application_name(worker_id: str) -> str:
+    return (APPLICATION_NAME_PREFIX + worker_id)[:63]  # Postgres keeps 63 bytes
 
 
 class Bridge:
@@ -103,7 +112,11 @@ class Bridge:
         self.listener = wake_source(
             None
             if settings.listens_through_pooler()
-            else lambda: db.connect(self.settings.listen_conninfo(), autocommit=True),
+            else lambda: db.connect(
+                self.settings.listen_conninfo(),
+                autocommit=True,
+                application_name=application_name(self.worker_id),
+            ),
             (db.INSERT_CHANNEL, db.WAKE_CHANNEL),
             self.loop.stopping,
         )
@@ -327,8 +340,12 @@ class Bridge:
         return conn
 
     def _lock_connection(self) -> Connection:
+        """A session that announces this incarnation's worker id (pg_stat_activity)."""
         return db.connect(
-            self.settings.conninfo(), autocommit=True, pool_mode=self.settings.database_pool_mode
+            self.settings.conninfo(),
+            autocommit=True,
+            application_name=application_name(self.worker_id),
+            pool_mode=self.settings.database_pool_mode,
         )
 
     def _close(self) -> None:

@@ -6,88 +6,38 @@ help names the variable it overrides.
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 import click
 
 from lqjobs import db
-from lqjobs.errors import ConfigurationError, DatabaseError, DatabaseUnavailable, LqJobsError
+from lqjobs.errors import ConfigurationError, LqJobsError
 from lqjobs.logs import escaped
 from lqjobs.metrics import Sample, serve
 from lqjobs.ops import migrate, roles
-from lqjobs.settings import Settings, load_settings, redact_url
+from lqjobs.ops.cli_common import (
+    EXIT_CONFIG,
+    EXIT_DATABASE,
+    EXIT_FAILURE,
+    EXIT_OK,
+    Context,
+    fail,
+    format_age,
+    handles_errors,
+    pass_context,
+)
+from lqjobs.ops.jobs_cli import jobs
+from lqjobs.settings import Settings, redact_url
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 3
-EXIT_DATABASE = 4
+__all__ = ["EXIT_CONFIG", "EXIT_DATABASE", "EXIT_FAILURE", "EXIT_OK", "main"]
+
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"lqjobs: {message}", err=True)
-    sys.exit(code)
-
-
-def handles_errors(command: F) -> F:
-    """Turn lqjobs errors into one clear line and a named exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except ConfigurationError as exc:
-            _fail(str(exc), EXIT_CONFIG)
-        except DatabaseUnavailable as exc:
-            _fail(f"database error: {exc}\n{_where_to_point()}", EXIT_DATABASE)
-        except DatabaseError as exc:
-            _fail(f"database error: {exc}", EXIT_DATABASE)
-        except LqJobsError as exc:
-            _fail(str(exc), EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _where_to_point() -> str:
-    """What to set after a failed connection; names a `lqjobs dev` stack running here."""
-    from lqjobs.ops.dev import DEFAULT_DATA_DIR, EXPORTS_FILE
-
-    exports = DEFAULT_DATA_DIR / EXPORTS_FILE
-    if exports.exists():
-        return f"lqjobs: `lqjobs dev` runs from this directory: run `. {exports}` first"
-    return (
-        "lqjobs: set DATABASE_URL (or PGHOST, PGPORT, PGUSER, PGDATABASE); for the stack of "
-        f"a running `lqjobs dev`: `. {exports}` in its directory"
-    )
-
-
-class Context:
-    """Settings are loaded lazily, so `--help` works with a broken environment."""
-
-    def __init__(self, overrides: dict[str, Any]) -> None:
-        self.overrides = {k: v for k, v in overrides.items() if v is not None}
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(**self.overrides)
-        return self._settings
-
-    def jobs_db(self) -> db.JobsDB:
-        return db.JobsDB(self.settings.jobs_schema)
-
-
-pass_context = click.make_pass_decorator(Context)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,6 +53,9 @@ pass_context = click.make_pass_decorator(Context)
 def main(ctx: click.Context, database_url: str | None, jobs_schema: str | None) -> None:
     """Run the LaunchQL / Constructive app_jobs queue on Celery."""
     ctx.obj = Context({"database_url": database_url, "jobs_schema": jobs_schema})
+
+
+main.add_command(jobs)  # lqjobs jobs ...: lqjobs/ops/jobs_cli.py
 
 
 @main.command("migrate")
@@ -241,7 +194,7 @@ def status_command(ctx: Context, as_json: bool) -> None:
             str(r.locked),
             str(r.locked_last_attempt),
             str(r.failed_permanently),
-            _age(r.oldest_ready_age_seconds),
+            format_age(r.oldest_ready_age_seconds),
         )
         for r in rows
     ]
@@ -250,14 +203,6 @@ def status_command(ctx: Context, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
     if not rows:
         click.echo("(no jobs)")
-
-
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{seconds / 60:.1f}m" if seconds < 7200 else f"{seconds / 3600:.1f}h"
 
 
 @main.command("check")
@@ -271,10 +216,10 @@ def check_command(ctx: Context) -> None:
         ) as conn:
             installed = ctx.jobs_db().reads.schema_installed(conn)
     except LqJobsError as exc:
-        _fail(f"check failed: {exc}", EXIT_FAILURE)
+        fail(f"check failed: {exc}", EXIT_FAILURE)
         return
     if not installed:
-        _fail(
+        fail(
             f"check failed: schema {settings.jobs_schema} is not installed "
             f"in {redact_url(settings.conninfo())}",
             EXIT_FAILURE,

@@ -35,6 +35,8 @@ given as ``FunctionServer(tasks={"slow": {"sleep": 1}})``:
                           499 if the caller hung up first
 ``trickle_headers``: bool  trickle the status line and headers too (else they go at once)
 ``trickle_calls``: int    only the first N calls of a job trickle (0: all)
+``gate``: str             wait until ``server.open_gate(<gate>)`` (or the server stops),
+                          then answer as the other options say
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class FunctionServer:
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, int | None], int] = {}
         self._workers: list[threading.Thread] = []
+        self._gates: dict[str, threading.Event] = {}
         self._httpd: _Server | None = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -119,6 +122,9 @@ class FunctionServer:
 
     def stop(self) -> None:
         self._stopping.set()  # releases hanging and sleeping functions
+        with self._lock:
+            for gate in self._gates.values():
+                gate.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -218,6 +224,8 @@ class FunctionServer:
 
     def _run(self, call: _Call, behaviour: Behaviour) -> _Reply | None:
         nth = self._count(call)
+        if behaviour.gate is not None:
+            self._gate(behaviour.gate).wait()
         if behaviour.hang:
             self._record(call, _Reply(0))
             self._stopping.wait()
@@ -243,6 +251,17 @@ class FunctionServer:
         if behaviour.trickle > 0 and nth <= (behaviour.trickle_calls or nth):
             return _Reply(200, headers, body, behaviour.trickle, behaviour.trickle_headers)
         return _Reply(200, headers, body)
+
+    def open_gate(self, name: str) -> None:
+        """Let the calls waiting at gate ``name`` go on, and later ones pass."""
+        self._gate(name).set()
+
+    def _gate(self, name: str) -> threading.Event:
+        with self._lock:
+            gate = self._gates.setdefault(name, threading.Event())
+            if self._stopping.is_set():
+                gate.set()
+            return gate
 
     def calls_in_progress(self) -> int:
         """Calls started and not yet in ``calls`` (a hang is recorded as it starts)."""

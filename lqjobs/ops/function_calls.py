@@ -32,6 +32,7 @@ class Behaviour:
     trickle: float = 0.0
     trickle_headers: bool = False
     trickle_calls: int = 0
+    gate: str | None = None
 
     @classmethod
     def from_options(cls, *layers: Mapping[str, Any]) -> Behaviour:
